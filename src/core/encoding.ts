@@ -1,0 +1,44 @@
+/**
+ * Encodings shared by every backend: PEM armour, ECDSA signatures between IEEE P1363 (r‖s) and
+ * DER (RFC 3279 Ecdsa-Sig-Value, through @peculiar/asn1-ecc).
+ */
+import { AsnConvert } from '@peculiar/asn1-schema';
+import { ECDSASigValue } from '@peculiar/asn1-ecc';
+import { SealError } from './errors.js';
+
+export function toPem(der: Buffer, label = 'PUBLIC KEY'): string {
+  const b64 = der.toString('base64').replace(/(.{64})/g, '$1\n').replace(/\n$/, '');
+  return `-----BEGIN ${label}-----\n${b64}\n-----END ${label}-----\n`;
+}
+
+function unsigned(b: Buffer): ArrayBuffer {
+  // INTEGER is signed: prefix 0x00 when the top bit is set, drop redundant leading zeros
+  let i = 0;
+  while (i < b.length - 1 && b[i] === 0 && (b[i + 1]! & 0x80) === 0) i++;
+  const v = b.subarray(i);
+  const out = v[0]! & 0x80 ? Buffer.concat([Buffer.from([0]), v]) : Buffer.from(v);
+  return out.buffer.slice(out.byteOffset, out.byteOffset + out.length) as ArrayBuffer;
+}
+
+export function p1363ToDer(sig: Buffer): Buffer {
+  if (sig.length === 0 || sig.length % 2) throw new SealError('INVALID_ARGUMENT', 'malformed P1363 signature');
+  const n = sig.length / 2;
+  const v = new ECDSASigValue({ r: unsigned(sig.subarray(0, n)), s: unsigned(sig.subarray(n)) });
+  return Buffer.from(AsnConvert.serialize(v));
+}
+
+export function derToP1363(der: Buffer, coordinateLength: number): Buffer {
+  let v: ECDSASigValue;
+  try {
+    v = AsnConvert.parse(der, ECDSASigValue);
+  } catch (e) {
+    throw new SealError('INVALID_ARGUMENT', 'malformed DER ECDSA signature', { cause: e });
+  }
+  const fix = (x: ArrayBuffer): Buffer => {
+    let b = Buffer.from(x);
+    while (b.length > coordinateLength && b[0] === 0) b = b.subarray(1);
+    if (b.length > coordinateLength) throw new SealError('INVALID_ARGUMENT', 'ECDSA signature value too long for the curve');
+    return Buffer.concat([Buffer.alloc(coordinateLength - b.length), b]);
+  };
+  return Buffer.concat([fix(v.r), fix(v.s)]);
+}

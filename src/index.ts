@@ -1,0 +1,20 @@
+/**
+ * seal-bridge: one key-handle API over secure environments. This file wires the public surface
+ * and the built-in backends (each loaded lazily, the first time its URI scheme is opened).
+ */
+import { registerBackend, registerUnavailable } from './core/registry.js';
+
+registerBackend('pkcs11', async () => (await import('./backends/pkcs11/index.js')).backend);
+registerUnavailable('tpm2', 'the TPM 2.0 backend is not part of this release yet');
+registerUnavailable('pcsc', 'the PC/SC (PIV, IoT SAFE) backend is not part of this release yet');
+registerUnavailable('at', 'the modem AT+CSIM backend is not part of this release yet');
+
+export { openEnvironment, registerBackend, registeredSchemes } from './core/registry.js';
+export { SealError, isSealError, ERROR_CODES, type ErrorCode } from './core/errors.js';
+export { SealUri, parseUri } from './core/uri.js';
+export { PROTECTION_LEVELS, type ProtectionLevel } from './core/protection.js';
+export { SHORT_ALGORITHMS, shortAlgorithm, algorithmShortName, normalizeAlgorithm } from './core/algorithms.js';
+export type { KeyAlgorithm, KeyUsage, KeyKind, HashName, NamedCurve } from './core/algorithms.js';
+export type * from './core/types.js';
+export { toPem, p1363ToDer, derToP1363 } from './core/encoding.js';
+export { createCsr } from './functions/csr.js';
