@@ -3,6 +3,7 @@
  * and encodes the request; its signing call is routed to the KeyHandle, so the private key is
  * only ever used inside the module.
  */
+import 'reflect-metadata';
 import * as x509 from '@peculiar/x509';
 import { SealError } from '../core/errors.js';
 import type { HashName } from '../core/algorithms.js';
