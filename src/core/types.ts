@@ -187,7 +187,20 @@ export interface SecureEnvironment {
   readData(label: string): Promise<Buffer>;
   deleteData(label: string): Promise<void>;
   listData(): Promise<DataObjectInfo[]>;
+  /**
+   * Asks the module to hand out the key's secret part by every route it has (attribute read,
+   * wrapping under a fresh key) and reports each refusal. Proof for audits and the demo; it
+   * never returns key bytes — a route that succeeds is reported as `refused: false` only.
+   */
+  probeExtraction(key: KeyHandle): Promise<ExtractionAttempt[]>;
   close(): Promise<void>;
+}
+
+export interface ExtractionAttempt {
+  route: string;
+  refused: boolean;
+  /** The module's own answer, e.g. CKR_ATTRIBUTE_SENSITIVE. */
+  backendCode?: string;
 }
 
 export interface OpenOptions extends PinOptions {

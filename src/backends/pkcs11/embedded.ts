@@ -56,7 +56,7 @@ function packageRoot(): string {
 export function writeSoftHsmConfig(confPath: string, tokenDir: string): void {
   const template = readFileSync(join(packageRoot(), 'softhsm-config', 'softhsm2.conf.template'), 'utf8');
   mkdirSync(tokenDir, { recursive: true, mode: 0o700 });
-  writeFileSync(confPath, template.replace('@TOKENDIR@', tokenDir), { mode: 0o600 });
+  writeFileSync(confPath, template.replaceAll('@TOKENDIR@', tokenDir), { mode: 0o600 });
 }
 
 export interface EmbeddedStore {
@@ -99,7 +99,7 @@ async function withLock<T>(path: string, fn: () => Promise<T> | T): Promise<T> {
 }
 
 function findSlotByLabel(lib: pkcs11.PKCS11, label: string): pkcs11.Handle | undefined {
-  return lib.C_GetSlotList(true).find((s) => lib.C_GetTokenInfo(s).label.trimEnd() === label);
+  return lib.C_GetSlotList(true).find((s) => lib.C_GetTokenInfo(s).label.replace(/[\s\0]+$/, '') === label);
 }
 
 /**
@@ -143,7 +143,7 @@ function initializeToken(lib: pkcs11.PKCS11, pinFile: string, soPinFile: string)
   writeSecretFile(soPinFile, soPin);
   writeSecretFile(pinFile, userPin);
   try {
-    lib.C_InitToken(slot, soPin, EMBEDDED_TOKEN_LABEL);
+    lib.C_InitToken(slot, soPin, EMBEDDED_TOKEN_LABEL.padEnd(32, ' '));
     const fresh = findSlotByLabel(lib, EMBEDDED_TOKEN_LABEL);
     if (!fresh) throw new SealError('DEVICE_ERROR', 'the embedded token was initialized but cannot be found');
     const s = lib.C_OpenSession(fresh, pkcs11.CKF_SERIAL_SESSION | pkcs11.CKF_RW_SESSION);

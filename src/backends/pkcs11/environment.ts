@@ -28,6 +28,7 @@ import type {
   KeyHandle,
   KeyProvenance,
   KeyQuery,
+  ExtractionAttempt,
   SecureEnvironment,
   UnwrapSpec,
 } from '../../core/types.js';
@@ -131,7 +132,7 @@ export class Pkcs11Environment implements SecureEnvironment {
   }
 
   /** Reads an object's attributes into a KeyRecord (never CKA_VALUE or other secret parts). */
-  #record(session: Handle, h: Handle): KeyRecord {
+  #record(session: Handle, h: Handle, expected?: KeyAlgorithm): KeyRecord {
     const lib = this.pool.lib;
     const get = (types: number[]): Map<number, Buffer> => {
       const out = new Map<number, Buffer>();
@@ -191,7 +192,9 @@ export class Pkcs11Environment implements SecureEnvironment {
       algorithm = { name: 'RSA', modulusLength: bits };
       publicKey = spkiFromAttributes(algorithm, { modulus, exponent: a.get(pkcs11.CKA_PUBLIC_EXPONENT) ?? Buffer.from([1, 0, 1]) });
     } else if (keyType === pkcs11.CKK_AES) {
-      const len = ulong(get([pkcs11.CKA_VALUE_LEN]).get(pkcs11.CKA_VALUE_LEN)) * 8;
+      let len = ulong(get([pkcs11.CKA_VALUE_LEN]).get(pkcs11.CKA_VALUE_LEN)) * 8;
+      // SoftHSM 2.6 leaves CKA_VALUE_LEN at 0 on unwrapped keys: trust the unwrap request, else say 256
+      if (len === 0) len = expected?.name === 'AES' ? expected.length : 256;
       if (len !== 128 && len !== 192 && len !== 256) throw new SealError('NOT_SUPPORTED', `AES key ${label} has an unsupported length`);
       algorithm = { name: 'AES', length: len };
     } else if (keyType === pkcs11.CKK_GENERIC_SECRET || keyType === pkcs11.CKK_SHA256_HMAC) {
@@ -218,8 +221,8 @@ export class Pkcs11Environment implements SecureEnvironment {
     return { ...rec, algorithm, usages, publicKey: p.publicKey ?? rec.publicKey };
   }
 
-  #keyFromHandle(session: Handle, h: Handle): Pkcs11Key {
-    return new Pkcs11Key(this, this.#withPublicHalf(session, this.#record(session, h)), h);
+  #keyFromHandle(session: Handle, h: Handle, expected?: KeyAlgorithm): Pkcs11Key {
+    return new Pkcs11Key(this, this.#withPublicHalf(session, this.#record(session, h, expected)), h);
   }
 
   async getKey(uriOrLabel: string, kind?: KeyKind): Promise<KeyHandle> {
@@ -404,7 +407,7 @@ export class Pkcs11Environment implements SecureEnvironment {
           throw new SealError('KEY_EXISTS', `a key labelled '${spec.label}' already exists on token '${this.info.label}'`);
         }
         const h = await lib.C_UnwrapKeyAsync(s, mech, await unwrapping.objectHandle(s), wrapped, template);
-        return this.#keyFromHandle(s, h);
+        return this.#keyFromHandle(s, h, algorithm);
       }, { anchored: spec.label === undefined });
     } catch (e) {
       if (e instanceof SealError && (e.code === 'DECRYPTION_FAILED' || e.backendCode === 'CKR_FUNCTION_FAILED')) {
@@ -492,6 +495,45 @@ export class Pkcs11Environment implements SecureEnvironment {
   async random(length: number): Promise<Buffer> {
     if (!Number.isInteger(length) || length < 1 || length > MAX_RANDOM) throw new SealError('INVALID_ARGUMENT', `random length must be 1..${MAX_RANDOM} bytes`);
     return this.pool.run('random', (s) => Buffer.from(this.pool.lib.C_GenerateRandom(s, Buffer.alloc(length))), { idempotent: true });
+  }
+
+  async probeExtraction(key: KeyHandle): Promise<ExtractionAttempt[]> {
+    if (!(key instanceof Pkcs11Key)) throw new SealError('INVALID_ARGUMENT', 'the key must live in this environment');
+    if (key.kind === 'public') throw new SealError('INVALID_ARGUMENT', 'a public key has nothing to extract');
+    const lib = this.pool.lib;
+    const attempts: ExtractionAttempt[] = [];
+    const secretAttrs = key.kind === 'private' ? (key.algorithm.name === 'RSA' ? [pkcs11.CKA_PRIVATE_EXPONENT, pkcs11.CKA_PRIME_1] : [pkcs11.CKA_VALUE]) : [pkcs11.CKA_VALUE];
+    const names: Record<number, string> = { [pkcs11.CKA_VALUE]: 'CKA_VALUE', [pkcs11.CKA_PRIVATE_EXPONENT]: 'CKA_PRIVATE_EXPONENT', [pkcs11.CKA_PRIME_1]: 'CKA_PRIME_1' };
+    await this.pool.run('probe extraction', async (s) => {
+      const h = await key.objectHandle(s);
+      for (const type of secretAttrs) {
+        try {
+          const [a] = lib.C_GetAttributeValue(s, h, [{ type }]);
+          const value = a?.value as Buffer | undefined;
+          const refused = !value || value.length === 0;
+          if (value) value.fill(0); // never kept, never returned
+          attempts.push({ route: `C_GetAttributeValue(${names[type]})`, refused });
+        } catch (e) {
+          attempts.push({ route: `C_GetAttributeValue(${names[type]})`, refused: true, backendCode: mapPkcs11Error(e, 'read').backendCode ?? 'refused' });
+        }
+      }
+      // a wrapping key created for the occasion, as an attacker holding the session would
+      let kek: Handle | undefined;
+      try {
+        kek = lib.C_GenerateKey(s, { mechanism: pkcs11.CKM_AES_KEY_GEN }, secretTemplate({ name: 'AES', length: 256 }, ['wrapKey'], { label: 'seal-probe-kek', id: randomBytes(8), token: false }));
+        const mech = key.kind === 'private' ? pkcs11.CKM_AES_KEY_WRAP_PAD : pkcs11.CKM_AES_KEY_WRAP;
+        try {
+          const out = await lib.C_WrapKeyAsync(s, { mechanism: mech }, kek, h, Buffer.alloc(8192));
+          out.fill(0);
+          attempts.push({ route: 'C_WrapKey under a fresh AES key', refused: false });
+        } catch (e) {
+          attempts.push({ route: 'C_WrapKey under a fresh AES key', refused: true, backendCode: mapPkcs11Error(e, 'wrap').backendCode ?? 'refused' });
+        }
+      } finally {
+        if (kek) lib.C_DestroyObject(s, kek);
+      }
+    });
+    return attempts;
   }
 
   async close(): Promise<void> {

@@ -67,8 +67,6 @@ export const SESSION_FATAL = new Set([
   'CKR_TOKEN_NOT_PRESENT',
   'CKR_USER_NOT_LOGGED_IN',
   'CKR_CRYPTOKI_NOT_INITIALIZED',
-  'CKR_OPERATION_ACTIVE',
-  'CKR_GENERAL_ERROR',
 ]);
 
 /** Status of a pkcs11js error, or undefined for anything else. */

@@ -44,12 +44,12 @@ function findSlot(module: LoadedModule, uri: SealUri): Handle {
   }
   const tokens = slots.map((slot) => ({ slot, info: lib.C_GetTokenInfo(slot) }));
   const matches = tokens.filter(({ info }) =>
-    (wantLabel === undefined || info.label.trimEnd() === wantLabel) &&
-    (wantSerial === undefined || info.serialNumber.trimEnd() === wantSerial) &&
-    (wantManufacturer === undefined || info.manufacturerID.trimEnd() === wantManufacturer) &&
-    (wantModel === undefined || info.model.trimEnd() === wantModel),
+    (wantLabel === undefined || info.label.replace(/[\s\0]+$/, '') === wantLabel) &&
+    (wantSerial === undefined || info.serialNumber.replace(/[\s\0]+$/, '') === wantSerial) &&
+    (wantManufacturer === undefined || info.manufacturerID.replace(/[\s\0]+$/, '') === wantManufacturer) &&
+    (wantModel === undefined || info.model.replace(/[\s\0]+$/, '') === wantModel),
   );
-  const names = tokens.map(({ info }) => `'${info.label.trimEnd()}'`).join(', ') || 'none';
+  const names = tokens.map(({ info }) => `'${info.label.replace(/[\s\0]+$/, '')}'`).join(', ') || 'none';
   if (matches.length === 0) throw new SealError('TOKEN_NOT_FOUND', `no token matches the URI (tokens present: ${names})`);
   if (matches.length > 1) throw new SealError('TOKEN_NOT_FOUND', `${matches.length} tokens match the URI (${names}); add token= or serial=`);
   return matches[0]!.slot;
@@ -86,7 +86,7 @@ async function open(uri: SealUri, options: OpenOptions): Promise<SecureEnvironme
   try {
     const slot = findSlot(module, uri);
     const tokenInfo = module.lib.C_GetTokenInfo(slot);
-    const label = tokenInfo.label.trimEnd();
+    const label = tokenInfo.label.replace(/[\s\0]+$/, '');
     if (!uri.has('token') && !embedded) baseUri = baseUri.withPath({ token: label });
     let pin: string | undefined;
     const maxQuery = uri.query('max-sessions');
@@ -113,10 +113,10 @@ async function open(uri: SealUri, options: OpenOptions): Promise<SecureEnvironme
       baseUri,
       mechanisms,
       info: {
-        backend: `pkcs11 (${moduleInfo.libraryDescription.trimEnd()} ${moduleInfo.libraryVersion.major}.${moduleInfo.libraryVersion.minor})`,
-        manufacturer: tokenInfo.manufacturerID.trimEnd(),
-        model: tokenInfo.model.trimEnd(),
-        serial: tokenInfo.serialNumber.trimEnd(),
+        backend: `pkcs11 (${moduleInfo.libraryDescription.replace(/[\s\0]+$/, '')} ${moduleInfo.libraryVersion.major}.${moduleInfo.libraryVersion.minor})`,
+        manufacturer: tokenInfo.manufacturerID.replace(/[\s\0]+$/, ''),
+        model: tokenInfo.model.replace(/[\s\0]+$/, ''),
+        serial: tokenInfo.serialNumber.replace(/[\s\0]+$/, ''),
         firmware: `${fw.major}.${fw.minor}`,
         label,
         protectionLevel: protection.level,
