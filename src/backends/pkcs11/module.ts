@@ -56,7 +56,13 @@ export class LoadedModule {
   }
 
   #initialize(): void {
-    for (const [k, v] of Object.entries(this.#options.env ?? {})) process.env[k] = v;
+    // the module reads its environment (e.g. SOFTHSM2_CONF) during C_Initialize only: set it for
+    // that call and put the process environment back afterwards
+    const saved = new Map<string, string | undefined>();
+    for (const [k, v] of Object.entries(this.#options.env ?? {})) {
+      saved.set(k, process.env[k]);
+      process.env[k] = v;
+    }
     const args: pkcs11.InitializationOptions = { flags: pkcs11.CKF_OS_LOCKING_OK };
     if (this.#options.libraryParameters) args.libraryParameters = this.#options.libraryParameters;
     try {
@@ -64,6 +70,11 @@ export class LoadedModule {
     } catch (e) {
       const mapped = mapPkcs11Error(e, 'C_Initialize');
       if (mapped.backendCode !== 'CKR_CRYPTOKI_ALREADY_INITIALIZED') throw mapped;
+    } finally {
+      for (const [k, v] of saved) {
+        if (v === undefined) delete process.env[k];
+        else process.env[k] = v;
+      }
     }
   }
 
