@@ -175,6 +175,7 @@ function pkcs11Probe(env: SecureEnvironment): ModuleProbe {
   };
 }
 
+/** The probe for a scheme; a scheme without one fails the cases that need it (never a silent pass). */
 function moduleProbe(env: SecureEnvironment, scheme: string): ModuleProbe {
   if (scheme === 'pkcs11') return pkcs11Probe(env);
   throw new Error(`no module-level probe for '${scheme}:' environments yet: add one in hw-tests/conformance.test.ts (moduleProbe)`);
@@ -587,38 +588,71 @@ if (URIS.length === 0) {
 
     // ---- wrapping --------------------------------------------------------------------------------
 
-    itD('AES-KW and AES-KWP: unwraps keys wrapped on the host (node:crypto id-aes256-wrap[-pad]) under a known KEK', async (ctx) => {
-      if (!canImportKnown()) ctx.skip(true, 'needs RSA-2048 RSA-OAEP unwrap to bring in a known KEK');
+    const importKek = async (): Promise<{ kek: KeyHandle; kekValue: Buffer }> => {
       const kekValue = randomBytes(32);
       const kek = await importKnown(kekValue, { name: 'AES', length: 256 }, ['unwrapKey', 'wrapKey']);
       expect(kek.provenance.origin).toBe('imported');
-      // RFC 3394 (default IV A6A6A6A6A6A6A6A6)
+      return { kek, kekValue };
+    };
+    /** RFC 3394 with the default IV A6A6A6A6A6A6A6A6, by node:crypto. */
+    const hostKw = (kek: Buffer, value: Buffer): Buffer => {
+      const c = createCipheriv('id-aes256-wrap', kek, Buffer.from('A6A6A6A6A6A6A6A6', 'hex'));
+      return Buffer.concat([c.update(value), c.final()]);
+    };
+    /** RFC 5649 with the alternative IV A65959A6, by node:crypto. */
+    const hostKwp = (kek: Buffer, value: Buffer): Buffer => {
+      const c = createCipheriv('id-aes256-wrap-pad', kek, Buffer.from('A65959A6', 'hex'));
+      return Buffer.concat([c.update(value), c.final()]);
+    };
+
+    itD('AES-KW: unwraps an AES key wrapped on the host (node:crypto id-aes256-wrap) under a known KEK', async (ctx) => {
+      if (!canImportKnown()) ctx.skip(true, 'needs RSA-2048 RSA-OAEP unwrap to bring in a known KEK');
+      const { kek, kekValue } = await importKek();
       const aesValue = randomBytes(32);
-      const kwWrap = createCipheriv('id-aes256-wrap', kekValue, Buffer.from('A6A6A6A6A6A6A6A6', 'hex'));
-      const wrappedKw = Buffer.concat([kwWrap.update(aesValue), kwWrap.final()]);
+      const spec = { wrapAlgorithm: 'AES-KW', algorithm: { name: 'AES', length: 256 }, usages: ['encrypt', 'decrypt'] } as const;
       if (!can('AES-256', 'unwrap', 'AES-KW')) {
-        await expectSealError(kek.unwrapKey(wrappedKw, { wrapAlgorithm: 'AES-KW', algorithm: { name: 'AES', length: 256 }, usages: ['encrypt'] }), ['NOT_SUPPORTED', 'USAGE_NOT_PERMITTED']);
-      } else {
-        const inner = await kek.unwrapKey(wrappedKw, { wrapAlgorithm: 'AES-KW', algorithm: { name: 'AES', length: 256 }, usages: ['encrypt', 'decrypt'] });
-        expect(inner.provenance.origin).toBe('imported');
-        const pt = randomBytes(48);
-        const r = await inner.encrypt(pt);
-        expect(hostGcmDecrypt(aesValue, r.iv!, r.ciphertext).equals(pt)).toBe(true);
-        // a corrupted wrapping fails the RFC 3394 integrity check inside
-        const corrupt = Buffer.from(wrappedKw);
-        corrupt[3] ^= 1;
-        await expectSealError(kek.unwrapKey(corrupt, { wrapAlgorithm: 'AES-KW', algorithm: { name: 'AES', length: 256 }, usages: ['encrypt'] }), 'DECRYPTION_FAILED');
+        await expectSealError(kek.unwrapKey(hostKw(kekValue, aesValue), { ...spec, usages: ['encrypt'] }), ['NOT_SUPPORTED', 'USAGE_NOT_PERMITTED']);
+        return;
       }
-      // RFC 5649 (AIV A65959A6): a 21-byte HMAC key, not a multiple of 8 bytes
+      const inner = await kek.unwrapKey(hostKw(kekValue, aesValue), { ...spec, usages: ['encrypt', 'decrypt'] });
+      expect(inner.provenance.origin).toBe('imported');
+      expect(inner.algorithm).toEqual({ name: 'AES', length: 256 });
+      const pt = randomBytes(48);
+      const r = await inner.encrypt(pt);
+      expect(hostGcmDecrypt(aesValue, r.iv!, r.ciphertext).equals(pt)).toBe(true);
+    });
+
+    itD('AES-KW: a corrupted wrapping fails the RFC 3394 integrity check with DECRYPTION_FAILED', async (ctx) => {
+      if (!canImportKnown()) ctx.skip(true, 'needs RSA-2048 RSA-OAEP unwrap to bring in a known KEK');
+      if (!can('AES-256', 'unwrap', 'AES-KW')) ctx.skip(true, 'AES-KW unwrap is not offered (covered by the AES-KW case)');
+      const { kek, kekValue } = await importKek();
+      const corrupt = hostKw(kekValue, randomBytes(32));
+      corrupt[3] ^= 1;
+      await expectSealError(kek.unwrapKey(corrupt, { wrapAlgorithm: 'AES-KW', algorithm: { name: 'AES', length: 256 }, usages: ['encrypt'] }), 'DECRYPTION_FAILED');
+    });
+
+    itD('AES-KWP: unwraps a 21-byte HMAC key wrapped on the host (node:crypto id-aes256-wrap-pad) under a known KEK', async (ctx) => {
+      if (!canImportKnown()) ctx.skip(true, 'needs RSA-2048 RSA-OAEP unwrap to bring in a known KEK');
+      const { kek, kekValue } = await importKek();
+      // not a multiple of 8 bytes: only RFC 5649 padding can carry it
       const hmacValue = randomBytes(21);
-      const kwpWrap = createCipheriv('id-aes256-wrap-pad', kekValue, Buffer.from('A65959A6', 'hex'));
-      const wrappedKwp = Buffer.concat([kwpWrap.update(hmacValue), kwpWrap.final()]);
+      const spec = { wrapAlgorithm: 'AES-KWP', algorithm: { name: 'HMAC', hash: 'SHA-256', length: 168 }, usages: ['sign'] } as const;
       if (!can('AES-256', 'unwrap', 'AES-KWP')) {
-        await expectSealError(kek.unwrapKey(wrappedKwp, { wrapAlgorithm: 'AES-KWP', algorithm: { name: 'HMAC', hash: 'SHA-256', length: 168 }, usages: ['sign'] }), ['NOT_SUPPORTED', 'USAGE_NOT_PERMITTED']);
-      } else {
-        const mac = await kek.unwrapKey(wrappedKwp, { wrapAlgorithm: 'AES-KWP', algorithm: { name: 'HMAC', hash: 'SHA-256', length: 168 }, usages: ['sign'] });
-        expect((await mac.mac(data)).equals(createHmac('sha256', hmacValue).update(data).digest())).toBe(true);
+        await expectSealError(kek.unwrapKey(hostKwp(kekValue, hmacValue), { ...spec, usages: ['sign'] }), ['NOT_SUPPORTED', 'USAGE_NOT_PERMITTED']);
+        return;
       }
+      const mac = await kek.unwrapKey(hostKwp(kekValue, hmacValue), { ...spec, usages: ['sign'] });
+      expect((await mac.mac(data)).equals(createHmac('sha256', hmacValue).update(data).digest())).toBe(true);
+    });
+
+    itD('an unwrapped key reports the algorithm it was unwrapped as, also when re-read by URI', async (ctx) => {
+      if (!canImportKnown()) ctx.skip(true, 'needs RSA-2048 RSA-OAEP unwrap to bring in a known key');
+      const aes128 = await importKnown(randomBytes(16), { name: 'AES', length: 128 }, ['encrypt', 'decrypt'], label('unwrapped-aes128'));
+      expect(aes128.algorithm).toEqual({ name: 'AES', length: 128 });
+      expect((await env.getKey(aes128.uri)).algorithm).toEqual({ name: 'AES', length: 128 });
+      const hmac = await importKnown(randomBytes(32), { name: 'HMAC', hash: 'SHA-256' }, ['sign'], label('unwrapped-hmac'));
+      expect(hmac.algorithm).toEqual({ name: 'HMAC', hash: 'SHA-256' });
+      expect((await env.getKey(hmac.uri)).algorithm).toEqual({ name: 'HMAC', hash: 'SHA-256' });
     });
 
     // ---- data objects ----------------------------------------------------------------------------
@@ -704,24 +738,25 @@ if (URIS.length === 0) {
     // ---- negative checks -------------------------------------------------------------------------
 
     itD('(a) the module refuses to reveal the value of a private and of a secret key', async (ctx) => {
-      const probe = moduleProbe(env, scheme);
-      let checked = 0;
-      if (can('ECDSA P-256', 'generate')) {
-        const priv = await generate('sens-ec', { name: 'ECDSA', namedCurve: 'P-256' }, ['sign']);
-        expect(probe.readSecretValue(priv)).toBe('CKR_ATTRIBUTE_SENSITIVE');
-        checked++;
+      const keys: KeyHandle[] = [];
+      if (can('ECDSA P-256', 'generate')) keys.push(await generate('sens-ec', { name: 'ECDSA', namedCurve: 'P-256' }, ['sign']));
+      if (can('RSA-2048', 'generate')) keys.push(await generate('sens-rsa', { name: 'RSA', modulusLength: 2048 }, ['sign']));
+      if (can('AES-256', 'generate')) keys.push(await generate('sens-aes', { name: 'AES', length: 256 }, ['encrypt']));
+      if (canImportKnown()) keys.push(await importKnown(randomBytes(32), { name: 'AES', length: 256 }, ['encrypt'], label('sens-imported')));
+      if (keys.length === 0) ctx.skip(true, 'no private or secret key type can be created here');
+      expect(keys.some((k) => k.kind === 'private')).toBe(true);
+      expect(keys.some((k) => k.kind === 'secret')).toBe(true);
+      // asked directly, bypassing seal-bridge
+      if (scheme === 'pkcs11') {
+        const probe = pkcs11Probe(env);
+        for (const k of keys) expect(probe.readSecretValue(k), `CKA_VALUE of ${k.label}`).toBe('CKR_ATTRIBUTE_SENSITIVE');
       }
-      if (can('AES-256', 'generate')) {
-        const secret = await generate('sens-aes', { name: 'AES', length: 256 }, ['encrypt']);
-        expect(probe.readSecretValue(secret)).toBe('CKR_ATTRIBUTE_SENSITIVE');
-        checked++;
+      // and through the environment's own probe, by every route it knows
+      for (const k of keys) {
+        const attempts = await env.probeExtraction(k);
+        expect(attempts.length).toBeGreaterThan(0);
+        for (const a of attempts) expect(a.refused, `${k.label}: ${a.route}`).toBe(true);
       }
-      if (canImportKnown()) {
-        const imported = await importKnown(randomBytes(32), { name: 'AES', length: 256 }, ['encrypt'], label('sens-imported'));
-        expect(probe.readSecretValue(imported)).toBe('CKR_ATTRIBUTE_SENSITIVE');
-        checked++;
-      }
-      if (checked === 0) ctx.skip(true, 'no private or secret key type can be generated here');
     });
 
     itD('(b) a generated key cannot be wrapped out under a key the attacker knows', async (ctx) => {

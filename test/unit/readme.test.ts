@@ -1,0 +1,25 @@
+/**
+ * The README's generated tables equal what the code's own data renders: a changed capability
+ * row without `node scripts/gen-readme.mjs` fails here.
+ */
+import { readFileSync } from 'node:fs';
+import { resolve } from 'node:path';
+import { describe, it, expect } from 'vitest';
+import { capabilityMarkdown } from '../../src/core/capability-table.js';
+import { PKCS11_MECHANISM_ROWS } from '../../src/backends/pkcs11/mechanisms.js';
+
+const readme = readFileSync(resolve(import.meta.dirname, '..', '..', 'README.md'), 'utf8');
+
+describe('README', () => {
+  it('shows the PKCS#11 capability table generated from the mechanism rows', () => {
+    const block = /<!-- generated:pkcs11-capabilities -->\n([\s\S]*?)\n<!-- \/generated -->/.exec(readme)?.[1];
+    expect(block).toBe(capabilityMarkdown(PKCS11_MECHANISM_ROWS));
+    expect(block).toContain('| ECDSA P-256 | sign |');
+    expect(block).toContain('CKM_ECDH1_DERIVE');
+  });
+
+  it('shows the two commands', () => {
+    expect(readme).toContain('npm start');
+    expect(readme).toContain('npm test');
+  });
+});
