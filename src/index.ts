@@ -14,7 +14,7 @@ export { SealError, isSealError, ERROR_CODES, type ErrorCode } from './core/erro
 export { SealUri, parseUri } from './core/uri.js';
 export { PROTECTION_LEVELS, type ProtectionLevel } from './core/protection.js';
 export { SHORT_ALGORITHMS, shortAlgorithm, algorithmShortName, normalizeAlgorithm } from './core/algorithms.js';
-export type { KeyAlgorithm, KeyUsage, KeyKind, HashName, NamedCurve } from './core/algorithms.js';
+export type { KeyAlgorithm, KeyAlgorithmInput, KeyUsage, KeyKind, HashName, NamedCurve } from './core/algorithms.js';
 export type * from './core/types.js';
 export { toPem, p1363ToDer, derToP1363 } from './core/encoding.js';
 export { createCsr } from './functions/csr.js';
