@@ -6,6 +6,8 @@ export default defineConfig({
   test: {
     include: ['test/**/*.test.ts', 'hw-tests/**/*.test.ts'],
     pool: 'forks',
+    // the files share one simulator token; tests that count its objects must not see another file's keys
+    fileParallelism: false,
     testTimeout: 120_000,
     hookTimeout: 120_000,
     reporters: ['default'],

@@ -34,6 +34,14 @@ export function derToP1363(der: Buffer, coordinateLength: number): Buffer {
   } catch (e) {
     throw new SealError('INVALID_ARGUMENT', 'malformed DER ECDSA signature', { cause: e });
   }
+  // strict DER: only the canonical encoding is accepted (no trailing bytes, no padded or negative integers)
+  const canonical = (x: ArrayBuffer): boolean => {
+    const b = Buffer.from(x);
+    return b.length > 0 && (b[0]! & 0x80) === 0 && !(b.length > 1 && b[0] === 0 && (b[1]! & 0x80) === 0);
+  };
+  if (!canonical(v.r) || !canonical(v.s) || !Buffer.from(AsnConvert.serialize(v)).equals(der)) {
+    throw new SealError('INVALID_ARGUMENT', 'malformed DER ECDSA signature');
+  }
   const fix = (x: ArrayBuffer): Buffer => {
     let b = Buffer.from(x);
     while (b.length > coordinateLength && b[0] === 0) b = b.subarray(1);

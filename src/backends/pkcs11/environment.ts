@@ -199,7 +199,8 @@ export class Pkcs11Environment implements SecureEnvironment {
       algorithm = { name: 'AES', length: len };
     } else if (keyType === pkcs11.CKK_GENERIC_SECRET || keyType === pkcs11.CKK_SHA256_HMAC) {
       const len = ulong(get([pkcs11.CKA_VALUE_LEN]).get(pkcs11.CKA_VALUE_LEN)) * 8;
-      algorithm = len === 256 ? { name: 'HMAC', hash: 'SHA-256' } : { name: 'HMAC', hash: 'SHA-256', length: len };
+      // 0: SoftHSM 2.6 keeps no CKA_VALUE_LEN on unwrapped keys; the length is then unknown
+      algorithm = len === 256 || len === 0 ? { name: 'HMAC', hash: 'SHA-256' } : { name: 'HMAC', hash: 'SHA-256', length: len };
     } else {
       throw new SealError('NOT_SUPPORTED', `key ${label} has a key type seal-bridge does not support (0x${keyType.toString(16)})`);
     }
@@ -289,6 +290,10 @@ export class Pkcs11Environment implements SecureEnvironment {
     const algorithm = normalizeAlgorithm(spec.algorithm);
     const usages = checkUsages(algorithm, spec.usages);
     if (algorithm.name === 'AES' && algorithm.length === 192) throw new SealError('NOT_SUPPORTED', 'AES-192 keys are not offered; use AES-128 or AES-256');
+    // a generic secret does not record its hash: only HMAC SHA-256 keys read back as what they are
+    if (algorithm.name === 'HMAC' && (algorithm.hash !== 'SHA-256' || (algorithm.length ?? 256) !== 256)) {
+      throw new SealError('NOT_SUPPORTED', 'HMAC keys are offered as HMAC SHA-256 with 256-bit keys');
+    }
     const mech = keyGenMechanism(algorithm);
     this.#requireMechanism(mech, `key generation for ${algorithm.name}`);
     const id = spec.id ?? randomBytes(16);
@@ -410,7 +415,8 @@ export class Pkcs11Environment implements SecureEnvironment {
         return this.#keyFromHandle(s, h, algorithm);
       }, { anchored: spec.label === undefined });
     } catch (e) {
-      if (e instanceof SealError && (e.code === 'DECRYPTION_FAILED' || e.backendCode === 'CKR_FUNCTION_FAILED')) {
+      // SoftHSM 2.6 answers a failed RFC 3394 integrity check or OAEP decoding with CKR_GENERAL_ERROR
+      if (e instanceof SealError && (e.code === 'DECRYPTION_FAILED' || e.backendCode === 'CKR_FUNCTION_FAILED' || e.backendCode === 'CKR_GENERAL_ERROR')) {
         throw new SealError('DECRYPTION_FAILED', 'unwrapping failed', { backendCode: e.backendCode, backendStatus: e.backendStatus });
       }
       throw e;

@@ -73,6 +73,7 @@ export const SESSION_FATAL = new Set([
 export function ckrOf(e: unknown): { code: number; name: string } | undefined {
   if (e && typeof e === 'object' && typeof (e as { code?: unknown }).code === 'number' && 'method' in e) {
     const code = (e as unknown as { code: number }).code;
+    if (code === 0) return undefined; // a pkcs11js NativeError: no module status at all
     return { code, name: ckrName(code) };
   }
   return undefined;

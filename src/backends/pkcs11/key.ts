@@ -307,8 +307,8 @@ export class Pkcs11Key implements KeyHandle {
         return lib.C_DecryptAsync(s, data, Buffer.alloc(outLen));
       });
     } catch (e) {
-      // SoftHSM 2.6 answers a failed GCM tag check with CKR_GENERAL_ERROR
-      const gcmRefusal = a.name === 'AES' && e instanceof SealError && e.backendCode === 'CKR_GENERAL_ERROR';
+      // SoftHSM 2.6 answers a failed GCM tag check or OAEP decoding with CKR_GENERAL_ERROR
+      const gcmRefusal = e instanceof SealError && e.backendCode === 'CKR_GENERAL_ERROR';
       if (e instanceof SealError && (gcmRefusal || e.code === 'DECRYPTION_FAILED' || e.backendCode === 'CKR_ENCRYPTED_DATA_INVALID' || e.backendCode === 'CKR_ENCRYPTED_DATA_LEN_RANGE' || e.backendCode === 'CKR_FUNCTION_FAILED')) {
         // one fixed message: no oracle on why the ciphertext was refused
         throw new SealError('DECRYPTION_FAILED', 'decryption failed', { backendCode: e.backendCode, backendStatus: e.backendStatus });
