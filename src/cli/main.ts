@@ -198,6 +198,10 @@ program
 
 // ---- operations ------------------------------------------------------------------------------
 
+const formatOption = (): Option => new Option('--format <f>', 'ECDSA signature encoding').choices(['der', 'p1363']).default('der');
+const schemeOption = (): Option => new Option('--scheme <s>', 'RSA signature scheme').choices(['pkcs1', 'pss']).default('pkcs1');
+const hashOption = (): Option => new Option('--hash <h>', 'hash').choices(['SHA-256', 'SHA-384', 'SHA-512']);
+
 const signOptions = (o: { format?: string; scheme?: string; hash?: string }) => ({
   ...(o.format === 'p1363' ? { format: 'p1363' as const } : {}),
   ...(o.scheme === 'pss' ? { scheme: 'RSA-PSS' as const } : {}),
@@ -210,9 +214,9 @@ program
   .requiredOption('--key <key>', 'key URI or label')
   .requiredOption('--in <file>', 'data to sign (- for stdin)')
   .option('--out <file>', 'signature file (default: stdout)')
-  .addOption(new Option('--format <f>', 'ECDSA signature encoding').choices(['der', 'p1363']).default('der'))
-  .addOption(new Option('--scheme <s>', 'RSA signature scheme').choices(['pkcs1', 'pss']).default('pkcs1'))
-  .addOption(new Option('--hash <h>', 'hash').choices(['SHA-256', 'SHA-384', 'SHA-512']))
+  .addOption(formatOption())
+  .addOption(schemeOption())
+  .addOption(hashOption())
   .action(async (o: { key: string; in: string; out?: string; format?: string; scheme?: string; hash?: string }) => {
     const data = readInput(o.in);
     await withKey(o.key, async (k) => {
@@ -228,9 +232,9 @@ program
   .requiredOption('--key <key>', 'key URI or label')
   .requiredOption('--in <file>', 'signed data')
   .requiredOption('--sig <file>', 'signature')
-  .addOption(new Option('--format <f>', 'ECDSA signature encoding').choices(['der', 'p1363']).default('der'))
-  .addOption(new Option('--scheme <s>', 'RSA signature scheme').choices(['pkcs1', 'pss']).default('pkcs1'))
-  .addOption(new Option('--hash <h>', 'hash').choices(['SHA-256', 'SHA-384', 'SHA-512']))
+  .addOption(formatOption())
+  .addOption(schemeOption())
+  .addOption(hashOption())
   .action(async (o: { key: string; in: string; sig: string; format?: string; scheme?: string; hash?: string }) => {
     const data = readInput(o.in);
     const sig = readInput(o.sig);
@@ -300,7 +304,7 @@ program
   .requiredOption('--subject <dn>', 'subject, e.g. "CN=device-1, O=Example"')
   .option('--dns <name...>', 'subjectAltName DNS names')
   .option('--out <file>', 'PEM output file (default: stdout)')
-  .addOption(new Option('--scheme <s>', 'RSA signature scheme').choices(['pkcs1', 'pss']).default('pkcs1'))
+  .addOption(schemeOption())
   .action(async (o: { key: string; subject: string; dns?: string[]; out?: string; scheme?: string }) => {
     await withKey(o.key, async (k) => {
       const pem = await createCsr(k, { subject: o.subject, ...(o.dns ? { dnsNames: o.dns } : {}), rsaScheme: o.scheme === 'pss' ? 'RSA-PSS' : 'RSASSA-PKCS1-v1_5' });

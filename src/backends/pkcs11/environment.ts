@@ -489,9 +489,8 @@ export class Pkcs11Environment implements SecureEnvironment {
     return this.pool.run('list data', (s) => {
       const out: DataObjectInfo[] = [];
       for (const h of this.#find(s, [{ type: pkcs11.CKA_CLASS, value: pkcs11.CKO_DATA }, { type: pkcs11.CKA_APPLICATION, value: DATA_APPLICATION }])) {
-        const attrs = this.pool.lib.C_GetAttributeValue(s, h, [{ type: pkcs11.CKA_LABEL }, { type: pkcs11.CKA_VALUE_LEN }].slice(0, 1));
-        const label = (attrs[0]?.value as Buffer | undefined)?.toString('utf8') ?? '';
-        const [v] = this.pool.lib.C_GetAttributeValue(s, h, [{ type: pkcs11.CKA_VALUE }]);
+        const [l, v] = this.pool.lib.C_GetAttributeValue(s, h, [{ type: pkcs11.CKA_LABEL }, { type: pkcs11.CKA_VALUE }]);
+        const label = (l?.value as Buffer | undefined)?.toString('utf8') ?? '';
         out.push({ label, size: (v?.value as Buffer | undefined)?.length ?? 0, uri: this.#p.baseUri.withPath({ object: label, type: 'data' }).toString() });
       }
       return out;
@@ -564,6 +563,3 @@ export function protectionFor(manufacturer: string, model: string, hwSlot: boole
   return { level: 1, reason: 'the module does not report a hardware slot; treated as software' };
 }
 
-export function errorFor(e: unknown, what: string): SealError {
-  return mapPkcs11Error(e, what);
-}
