@@ -151,6 +151,14 @@ export interface KeyHandle {
   decrypt(data: Buffer, options?: EncryptOptions): Promise<Buffer>;
   /** ECDH with a peer public key (SPKI DER/PEM or uncompressed point); the shared secret becomes a key object inside. */
   agree(peerPublicKey: Buffer | string, target: DerivedKeySpec): Promise<KeyHandle>;
+  /**
+   * ECDH where the module hands the shared secret (the x-coordinate of the shared point) back to
+   * the host: TPM2_ECDH_ZGen, PIV GENERAL AUTHENTICATE, IoT SAFE COMPUTE DH. Offered only where a
+   * capability row `agree` has `result: 'secret-leaves'`; `acknowledge` must be
+   * `'secret-leaves-module'` so a caller cannot miss that the secret is outside. Modules that keep
+   * the result inside offer `agree()` instead and refuse this with NOT_SUPPORTED.
+   */
+  sharedSecret(peerPublicKey: Buffer | string, acknowledge: 'secret-leaves-module'): Promise<Buffer>;
   deriveKey(params: DeriveParams, target: DerivedKeySpec): Promise<KeyHandle>;
   /** HMAC over data (a sign with an HMAC key). */
   mac(data: Buffer): Promise<Buffer>;

@@ -317,6 +317,10 @@ export class Pkcs11Key implements KeyHandle {
     }
   }
 
+  async sharedSecret(): Promise<Buffer> {
+    throw new SealError('NOT_SUPPORTED', 'PKCS#11 keeps ECDH results inside the module: use agree()');
+  }
+
   async agree(peerPublicKey: Buffer | string, target: DerivedKeySpec): Promise<KeyHandle> {
     this.#need('deriveKey', 'key agreement');
     const a = this.#rec.algorithm;
