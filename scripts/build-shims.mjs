@@ -8,9 +8,12 @@
 // source file (everything in the shim directory except build/). Pass --force
 // (or set SEAL_FORCE_SHIM_BUILD=1) to rebuild regardless. One line per shim;
 // the compiler output is only shown when a build fails. Exit status 1 if any
-// build fails.
+// required build fails. A shim with a shim.json `{ "optional": true,
+// "requiresHeaders": [...] }` is skipped (with a note) when a header it needs is
+// missing, and its failure does not fail the install: the backend it serves then
+// reports itself unavailable, and every other backend still works.
 import { spawnSync } from 'node:child_process';
-import { existsSync, readdirSync, statSync } from 'node:fs';
+import { existsSync, readFileSync, readdirSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -80,8 +83,24 @@ const shims = existsSync(shimsDir)
 
 let failures = 0;
 let nodeGyp;
+function shimConfig(dir) {
+  const file = path.join(dir, 'shim.json');
+  return existsSync(file) ? JSON.parse(readFileSync(file, 'utf8')) : {};
+}
+
+function headerPresent(header) {
+  return ['/usr/include', '/usr/local/include'].some((d) => existsSync(path.join(d, header)));
+}
+
 for (const name of shims) {
   const dir = path.join(shimsDir, name);
+  const config = shimConfig(dir);
+  const absent = (config.requiresHeaders ?? []).filter((h) => !headerPresent(h));
+  if (absent.length > 0) {
+    log(`${name}: skipped (missing ${absent.join(', ')}; ${config.optional ? 'optional' : 'required'})`);
+    if (!config.optional) failures++;
+    continue;
+  }
   const built = newestOutput(dir);
   if (!force && built > 0 && built > newestSource(dir)) {
     log(`${name}: up to date`);
@@ -106,7 +125,7 @@ for (const name of shims) {
   } else {
     log(`${name}: FAILED (${r.error ? r.error.message : `node-gyp exit ${r.status ?? r.signal}`})`);
     process.stderr.write(`${r.stdout ?? ''}${r.stderr ?? ''}\n`);
-    failures++;
+    if (!config.optional) failures++;
   }
 }
 

@@ -44,7 +44,7 @@ import {
   HASH_MECH,
 } from './mechanisms.js';
 import { Pkcs11Key, type KeyRecord } from './key.js';
-import { attributesFromSpki, spkiFromAttributes, wrapEcPoint } from './public-key.js';
+import { attributesFromSpki, spkiFromAttributes, wrapEcPoint } from '../../core/public-key.js';
 import type { SessionPool } from './session-pool.js';
 import { loadKdfShim, kdfShimUnavailableReason, encodeTemplate, type KdfMechanism } from './kdf-native.js';
 

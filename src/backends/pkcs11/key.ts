@@ -20,7 +20,7 @@ import type {
   UnwrapSpec,
 } from '../../core/types.js';
 import { CK, DIGEST_INFO, HASH_MECH, HMAC_MECH } from './mechanisms.js';
-import { peerPoint } from './public-key.js';
+import { peerPoint } from '../../core/public-key.js';
 import type { Pkcs11Environment } from './environment.js';
 
 /** Largest input sent to the module in one single-part call. */

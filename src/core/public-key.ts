@@ -1,11 +1,11 @@
 /**
- * Public keys between PKCS#11 attributes and SubjectPublicKeyInfo, through node:crypto's JWK
+ * Public keys between raw module forms (EC points, RSA modulus/exponent) and SubjectPublicKeyInfo, through node:crypto's JWK
  * import/export (no hand-written ASN.1): CKA_EC_POINT (a DER OCTET STRING around the point),
  * CKA_MODULUS + CKA_PUBLIC_EXPONENT.
  */
 import { createPublicKey, type JsonWebKey } from 'node:crypto';
-import { SealError } from '../../core/errors.js';
-import type { KeyAlgorithm, NamedCurve } from '../../core/algorithms.js';
+import { SealError } from './errors.js';
+import type { KeyAlgorithm, NamedCurve } from './algorithms.js';
 
 const COORD: Record<NamedCurve, number> = { 'P-256': 32, 'P-384': 48 };
 
