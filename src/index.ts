@@ -5,7 +5,7 @@
 import { registerBackend, registerUnavailable } from './core/registry.js';
 
 registerBackend('pkcs11', async () => (await import('./backends/pkcs11/index.js')).backend);
-registerUnavailable('tpm2', 'the TPM 2.0 backend is not part of this release yet');
+registerBackend('tpm2', async () => (await import('./backends/tpm2/index.js')).backend);
 registerUnavailable('pcsc', 'the PC/SC (PIV, IoT SAFE) backend is not part of this release yet');
 registerUnavailable('at', 'the modem AT+CSIM backend is not part of this release yet');
 

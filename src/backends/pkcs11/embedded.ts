@@ -11,6 +11,8 @@ import { homedir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import pkcs11 from 'pkcs11js';
+import { sealHome } from '../../core/home.js';
+export { sealHome };
 import { SealError } from '../../core/errors.js';
 import { readSecretFile, writeSecretFile } from '../../core/secrets.js';
 import { LoadedModule } from './module.js';
@@ -24,12 +26,6 @@ const SOFTHSM_PATHS = [
   '/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so',
   '/usr/local/lib/softhsm/libsofthsm2.so',
 ];
-
-export function sealHome(): string {
-  if (process.env.SEAL_HOME) return resolve(process.env.SEAL_HOME);
-  const data = process.env.XDG_DATA_HOME || join(homedir(), '.local', 'share');
-  return join(data, 'seal-bridge');
-}
 
 export function softhsmModulePath(): string {
   const configured = process.env.SEAL_SOFTHSM_MODULE;

@@ -17,6 +17,7 @@ import { createRequire } from 'node:module';
 import { endianness } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { findPackageRoot } from '../../core/package-root.js';
 
 /** PKCS#11 v3.0 mechanism numbers the shim issues (not all exported by pkcs11js 2.1.7). */
 export const CKM_HKDF_DERIVE = 0x402a;
@@ -92,24 +93,6 @@ const SHIM_RELATIVE = path.join('native-shims', 'pkcs11-kdf', 'build', 'Release'
 let loaded = false;
 let shim: KdfShim | undefined;
 let unavailable: string | undefined;
-
-/** Walks up from this file to the directory whose package.json is named seal-bridge. */
-function findPackageRoot(): string | undefined {
-  let dir = path.dirname(fileURLToPath(import.meta.url));
-  for (;;) {
-    const pkg = path.join(dir, 'package.json');
-    if (existsSync(pkg)) {
-      try {
-        if ((JSON.parse(readFileSync(pkg, 'utf8')) as { name?: unknown }).name === 'seal-bridge') return dir;
-      } catch {
-        // unreadable package.json: keep walking
-      }
-    }
-    const parent = path.dirname(dir);
-    if (parent === dir) return undefined;
-    dir = parent;
-  }
-}
 
 /** Loads the shim once; undefined (see kdfShimUnavailableReason) when it is not usable. */
 export function loadKdfShim(): KdfShim | undefined {

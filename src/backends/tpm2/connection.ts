@@ -1,0 +1,333 @@
+/**
+ * One TPM connection: the ESYS context, the storage root key (SRK), the salted session for
+ * parameter encryption and a small cache of loaded objects, all rebuilt after a TPM restart or a
+ * dead TCTI connection. Operations run one at a time (the TPM executes one command at a time
+ * anyway), so a loaded handle cannot be flushed under an operation that is using it.
+ *
+ * Works without a resource manager: at most `maxLoaded` of our keys are loaded at once (plus a
+ * transient SRK when it cannot be made persistent), and everything we load is flushed again.
+ */
+import { existsSync, readFileSync } from 'node:fs';
+import path from 'node:path';
+import { SealError } from '../../core/errors.js';
+import { writeSecretFile } from '../../core/secrets.js';
+import { loadTpmShim, TR, type EsysContext } from './native.js';
+import { isConnectionLost, isTpmCode, RC, tpmError } from './errors.js';
+import {
+  AES128_CFB,
+  ALG,
+  CURVE,
+  OBJ,
+  SYM_NULL,
+  decodeProperties,
+  decodePublic,
+  encodePublic,
+  encodeSensitiveCreate,
+  encodeSymDef,
+  objectName,
+  type PublicArea,
+} from './marshal.js';
+
+export const SRK_PERSISTENT_HANDLE = 0x81000001;
+const SU_CLEAR = 0x0000;
+const SE_HMAC = 0x00;
+const SE_POLICY = 0x01;
+const SESSION = { continueSession: 0x01, decrypt: 0x20, encrypt: 0x40 } as const;
+const CAP_TPM_PROPERTIES = 6;
+const CAP_HANDLES = 1;
+
+/** The ECC P-256 storage key template of the TCG provisioning guidance, with noDA. */
+export function srkTemplate(): PublicArea {
+  return {
+    type: 'ecc',
+    nameAlg: ALG.SHA256,
+    attributes: OBJ.fixedTPM | OBJ.fixedParent | OBJ.sensitiveDataOrigin | OBJ.userWithAuth | OBJ.noDA | OBJ.restricted | OBJ.decrypt,
+    authPolicy: Buffer.alloc(0),
+    symmetric: AES128_CFB,
+    scheme: { alg: ALG.NULL },
+    curve: CURVE['P-256'],
+    kdf: { alg: ALG.NULL },
+    x: Buffer.alloc(32),
+    y: Buffer.alloc(32),
+  };
+}
+
+export interface ConnectionOptions {
+  tcti: string;
+  /** Key store directory: the SRK's recorded Name lives here (srk.json). */
+  storeDir: string;
+  /** Owner hierarchy auth (for making the SRK persistent); empty by default. */
+  ownerAuth?: Buffer;
+  /** Salted HMAC session with AES-128-CFB parameter encryption (default true). */
+  paramEncryption: boolean;
+  /** Our objects loaded at once (default 2). */
+  maxLoaded: number;
+}
+
+/** Something the cache can (re)load: its blobs and the parent it belongs under. */
+export interface Loadable {
+  readonly cacheKey: string;
+  readonly public: Buffer;
+  readonly private: Buffer;
+  /** Auth value to set on the loaded handle (empty when none). */
+  auth(): Buffer;
+}
+
+export class TpmConnection {
+  readonly #o: ConnectionOptions;
+  #ctx: EsysContext | undefined;
+  #srk: number | undefined;
+  #srkTransient = false;
+  #salted: number | undefined;
+  readonly #loaded = new Map<string, number>(); // cacheKey → ESYS_TR, in LRU order
+  #queue: Promise<unknown> = Promise.resolve();
+  #closed = false;
+  /** Incremented at each (re)connection. */
+  generation = 0;
+  reconnects = 0;
+  properties = new Map<number, number>();
+
+  constructor(options: ConnectionOptions) {
+    this.#o = options;
+  }
+
+  get paramEncryption(): boolean {
+    return this.#o.paramEncryption;
+  }
+
+  /** Runs `fn` alone on the TPM; a dead connection is rebuilt and `fn` repeated once when `idempotent`. */
+  run<T>(what: string, fn: (ctx: EsysContext) => Promise<T>, idempotent = true): Promise<T> {
+    const next = this.#queue.then(async () => {
+      if (this.#closed) throw new SealError('CLOSED', 'the TPM environment is closed');
+      for (let attempt = 0; ; attempt++) {
+        try {
+          const ctx = await this.#context();
+          return await fn(ctx);
+        } catch (e) {
+          const stale = isTpmCode(e, RC.HANDLE) || isTpmCode(e, RC.REFERENCE_H0) || isTpmCode(e, RC.INITIALIZE);
+          if (attempt === 0 && (isConnectionLost(e) || stale)) {
+            await this.#drop();
+            if (idempotent) continue;
+          }
+          if (attempt === 0 && isTpmCode(e, RC.OBJECT_MEMORY)) {
+            // someone else (or a crashed run of ours) filled the transient slots: free ours, try once more
+            await this.#flushAll();
+            continue;
+          }
+          throw tpmError(e, what);
+        }
+      }
+    });
+    this.#queue = next.catch(() => undefined);
+    return next;
+  }
+
+  async #context(): Promise<EsysContext> {
+    if (this.#ctx) return this.#ctx;
+    let shim;
+    try {
+      shim = loadTpmShim();
+    } catch (e) {
+      throw new SealError('BACKEND_UNAVAILABLE', e instanceof Error ? e.message : String(e));
+    }
+    const ctx = new shim.Context(this.#o.tcti);
+    try {
+      await ctx.open();
+    } catch (e) {
+      await ctx.close().catch(() => undefined);
+      throw new SealError('DEVICE_UNAVAILABLE', `cannot connect to the TPM (TCTI ${this.#o.tcti.split(':')[0] ?? ''}): ${tpmError(e, 'connect').message}`, { cause: e });
+    }
+    try {
+      await ctx.startup(SU_CLEAR);
+    } catch (e) {
+      if (!isTpmCode(e, RC.INITIALIZE)) {
+        await ctx.close().catch(() => undefined);
+        throw tpmError(e, 'TPM2_Startup');
+      }
+    }
+    this.#ctx = ctx;
+    this.generation++;
+    const props = await ctx.getCapability(CAP_TPM_PROPERTIES, 0x100, 128);
+    this.properties = decodeProperties(props.data);
+    const vars = await ctx.getCapability(CAP_TPM_PROPERTIES, 0x200, 64);
+    for (const [k, v] of decodeProperties(vars.data)) this.properties.set(k, v);
+    return ctx;
+  }
+
+  /** Forgets the connection and every handle (after a restart or a lost TCTI). */
+  async #drop(): Promise<void> {
+    const ctx = this.#ctx;
+    this.#ctx = undefined;
+    this.#srk = undefined;
+    this.#salted = undefined;
+    this.#loaded.clear();
+    this.reconnects++;
+    if (ctx) await ctx.close().catch(() => undefined);
+  }
+
+  async #flushAll(): Promise<void> {
+    const ctx = this.#ctx;
+    if (!ctx) return;
+    for (const h of this.#loaded.values()) await ctx.flushContext(h).catch(() => undefined);
+    this.#loaded.clear();
+  }
+
+  // ---- storage root key -------------------------------------------------------------------------
+
+  /** The SRK's handle: the persistent one when its Name is the one on record, else a transient one. */
+  async srk(ctx: EsysContext): Promise<number> {
+    if (this.#srk !== undefined) return this.#srk;
+    const recordFile = path.join(this.#o.storeDir, 'srk.json');
+    const recorded = existsSync(recordFile) ? (JSON.parse(readFileSync(recordFile, 'utf8')) as { name?: string }).name : undefined;
+    let persistent: number | undefined;
+    try {
+      persistent = (await ctx.trFromTpmPublic(SRK_PERSISTENT_HANDLE)).handle;
+    } catch {
+      persistent = undefined;
+    }
+    if (persistent !== undefined) {
+      const { name } = await ctx.readPublic(persistent);
+      if (recorded === undefined || recorded !== name.toString('hex')) {
+        // not on record yet (or different): compare with the deterministic SRK of the template
+        const fresh = await this.#createSrk(ctx);
+        const freshName = (await ctx.readPublic(fresh)).name;
+        await ctx.flushContext(fresh);
+        if (!freshName.equals(name)) {
+          throw new SealError('DEVICE_ERROR', `the key at persistent handle 0x${SRK_PERSISTENT_HANDLE.toString(16)} is not the storage root key of the TCG template; refusing to use it`);
+        }
+        this.#record(recordFile, name);
+      }
+      this.#srk = persistent;
+      this.#srkTransient = false;
+    } else {
+      const fresh = await this.#createSrk(ctx);
+      const name = (await ctx.readPublic(fresh)).name;
+      try {
+        if (this.#o.ownerAuth?.length) await ctx.trSetAuth(TR.RH_OWNER, this.#o.ownerAuth);
+        const made = await ctx.evictControl(TR.RH_OWNER, fresh, [TR.PASSWORD], SRK_PERSISTENT_HANDLE);
+        await ctx.flushContext(fresh);
+        this.#srk = made.handle;
+        this.#srkTransient = false;
+      } catch {
+        // the owner does not allow persistence: keep a transient SRK (re-created identically)
+        this.#srk = fresh;
+        this.#srkTransient = true;
+      }
+      this.#record(recordFile, name);
+    }
+    return this.#srk;
+  }
+
+  #record(file: string, name: Buffer): void {
+    writeSecretFile(file, `${JSON.stringify({ handle: `0x${SRK_PERSISTENT_HANDLE.toString(16)}`, name: name.toString('hex') })}\n`);
+  }
+
+  async #createSrk(ctx: EsysContext): Promise<number> {
+    if (this.#o.ownerAuth?.length) await ctx.trSetAuth(TR.RH_OWNER, this.#o.ownerAuth);
+    const r = await ctx.createPrimary(TR.RH_OWNER, [TR.PASSWORD], encodeSensitiveCreate(), encodePublic(srkTemplate()));
+    return r.handle;
+  }
+
+  /** The SRK's public area (for the import helper on a server). */
+  async srkPublic(): Promise<Buffer> {
+    return this.run('read the storage key', async (ctx) => (await ctx.readPublic(await this.srk(ctx))).public);
+  }
+
+  get srkIsPersistent(): boolean {
+    return !this.#srkTransient;
+  }
+
+  // ---- sessions ------------------------------------------------------------------------------------
+
+  /**
+   * The authorization session for a command that uses an object's auth value: a salted HMAC
+   * session with parameter encryption (`decrypt`: the first command parameter is encrypted,
+   * `encrypt`: the first response parameter is), or the plain password session when turned off.
+   */
+  async authSession(ctx: EsysContext, decrypt: boolean, encrypt: boolean): Promise<number> {
+    if (!this.#o.paramEncryption) return TR.PASSWORD;
+    if (this.#salted === undefined) {
+      const srk = await this.srk(ctx);
+      this.#salted = (await ctx.startAuthSession(srk, TR.NONE, SE_HMAC, encodeSymDef(AES128_CFB), ALG.SHA256)).handle;
+    }
+    const flags = SESSION.continueSession | (decrypt ? SESSION.decrypt : 0) | (encrypt ? SESSION.encrypt : 0);
+    await ctx.sessionSetAttributes(this.#salted, flags, 0xff);
+    return this.#salted;
+  }
+
+  /** A policy session satisfied by `satisfy`; flushed by the caller through `flushSession`. */
+  async policySession(ctx: EsysContext, satisfy: (session: number) => Promise<void>): Promise<number> {
+    const s = (await ctx.startAuthSession(TR.NONE, TR.NONE, SE_POLICY, encodeSymDef(SYM_NULL), ALG.SHA256)).handle;
+    try {
+      await satisfy(s);
+      return s;
+    } catch (e) {
+      await ctx.flushContext(s).catch(() => undefined);
+      throw e;
+    }
+  }
+
+  // ---- loaded objects ---------------------------------------------------------------------------------
+
+  /** The handle of a loaded object, loading it (and flushing the least recently used) as needed. */
+  async loaded(ctx: EsysContext, obj: Loadable): Promise<number> {
+    const cached = this.#loaded.get(obj.cacheKey);
+    if (cached !== undefined) {
+      this.#loaded.delete(obj.cacheKey);
+      this.#loaded.set(obj.cacheKey, cached);
+      return cached;
+    }
+    while (this.#loaded.size >= this.#o.maxLoaded) {
+      const [oldestKey, oldest] = this.#loaded.entries().next().value as [string, number];
+      this.#loaded.delete(oldestKey);
+      await ctx.flushContext(oldest).catch(() => undefined);
+    }
+    const srk = await this.srk(ctx);
+    const session = await this.authSession(ctx, true, false);
+    const { handle } = await ctx.load(srk, [session], obj.private, obj.public);
+    const auth = obj.auth();
+    if (auth.length > 0) {
+      await ctx.trSetAuth(handle, auth);
+      auth.fill(0);
+    }
+    this.#loaded.set(obj.cacheKey, handle);
+    return handle;
+  }
+
+  /** Flushes one object from the cache (after destroy). */
+  async evict(ctx: EsysContext, cacheKey: string): Promise<void> {
+    const h = this.#loaded.get(cacheKey);
+    if (h === undefined) return;
+    this.#loaded.delete(cacheKey);
+    await ctx.flushContext(h).catch(() => undefined);
+  }
+
+  get loadedCount(): number {
+    return this.#loaded.size;
+  }
+
+  /** Reads TPM handles of a class (e.g. 0x80 transient) — for tests and `doctor`. */
+  async handles(first: number): Promise<number[]> {
+    return this.run('list handles', async (ctx) => {
+      const { decodeHandles } = await import('./marshal.js');
+      return decodeHandles((await ctx.getCapability(CAP_HANDLES, first, 64)).data);
+    });
+  }
+
+  async close(): Promise<void> {
+    await this.#queue.catch(() => undefined);
+    this.#closed = true;
+    const ctx = this.#ctx;
+    this.#ctx = undefined;
+    if (!ctx) return;
+    await this.#flushAll();
+    if (this.#salted !== undefined) await ctx.flushContext(this.#salted).catch(() => undefined);
+    if (this.#srkTransient && this.#srk !== undefined) await ctx.flushContext(this.#srk).catch(() => undefined);
+    await ctx.close().catch(() => undefined);
+  }
+}
+
+/** Names an object from its TPM2B_PUBLIC bytes. */
+export function nameOfPublic(tpm2bPublic: Buffer): Buffer {
+  return objectName(decodePublic(tpm2bPublic).bytes);
+}

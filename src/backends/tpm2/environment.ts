@@ -1,0 +1,537 @@
+/**
+ * A TPM 2.0 as a SecureEnvironment. Keys are created inside the TPM under the storage root key
+ * (fixedTPM|fixedParent|sensitiveDataOrigin), their encrypted blobs kept in a key store
+ * directory; sensitive data is sealed to the TPM (optionally to PCR values); attestation keys
+ * certify keys and quote PCRs; keys wrapped for this TPM's SRK are imported (TPM2_Import).
+ */
+import { createHash } from 'node:crypto';
+import { SealError } from '../../core/errors.js';
+import { checkUsages, normalizeAlgorithm, algorithmShortName, type KeyAlgorithm, type KeyKind, type KeyUsage } from '../../core/algorithms.js';
+import { parseSecretSource, resolveSecretSource } from '../../core/secrets.js';
+import { spkiFromAttributes } from '../../core/public-key.js';
+import type { SealUri } from '../../core/uri.js';
+import type {
+  Capability,
+  DataObjectInfo,
+  EnvironmentInfo,
+  ExtractionAttempt,
+  GenerateKeySpec,
+  ImportPublicKeySpec,
+  KeyHandle,
+  KeyQuery,
+  SecureEnvironment,
+} from '../../core/types.js';
+import { TpmConnection, SRK_PERSISTENT_HANDLE, type Loadable } from './connection.js';
+import { KeyStore, type StoredObject } from './keystore.js';
+import { Tpm2Key } from './key.js';
+import { TR } from './native.js';
+import { tpmError } from './errors.js';
+import {
+  ALG,
+  CURVE,
+  HASH_ALG,
+  OBJ,
+  decodeDigestList,
+  decodePublic,
+  encodePcrSelection,
+  encodePublic,
+  encodeScheme,
+  encodeSensitiveCreate,
+  pcrPolicyDigest,
+  type PublicArea,
+} from './marshal.js';
+
+const MAX_LABEL = 128;
+const MAX_SEALED = 128; // MAX_SYM_DATA on TPM 2.0
+const OWNER_PARENT = 0x40000001;
+
+export const TPM2_CAPABILITIES: readonly Capability[] = [
+  ...(['P-256', 'P-384'] as const).flatMap((c): Capability[] => [
+    { algorithm: `ECDSA ${c}`, operation: 'generate', variant: 'key pair', result: 'key-inside', mechanism: 'TPM2_Create (fixedTPM|fixedParent|sensitiveDataOrigin)' },
+    { algorithm: `ECDSA ${c}`, operation: 'sign', variant: 'ECDSA (DER or P1363), hash on host', result: 'output', mechanism: 'TPM2_Sign' },
+    { algorithm: `ECDSA ${c}`, operation: 'verify', variant: 'ECDSA', result: 'output', mechanism: 'host (public key)' },
+  ]),
+  { algorithm: 'ECDH P-256', operation: 'generate', variant: 'key pair', result: 'key-inside', mechanism: 'TPM2_Create' },
+  { algorithm: 'ECDH P-256', operation: 'agree', variant: 'ECDH (shared x-coordinate)', result: 'secret-leaves', mechanism: 'TPM2_ECDH_ZGen', note: 'the shared point is returned to the host (sharedSecret)' },
+  { algorithm: 'RSA-2048', operation: 'generate', variant: 'key pair', result: 'key-inside', mechanism: 'TPM2_Create' },
+  { algorithm: 'RSA-2048', operation: 'sign', variant: 'RSASSA-PKCS1-v1_5', result: 'output', mechanism: 'TPM2_Sign (TPM_ALG_RSASSA)' },
+  { algorithm: 'RSA-2048', operation: 'sign', variant: 'RSA-PSS', result: 'output', mechanism: 'TPM2_Sign (TPM_ALG_RSAPSS, salt = hash length)' },
+  { algorithm: 'RSA-2048', operation: 'verify', variant: 'PKCS1-v1_5 / PSS', result: 'output', mechanism: 'host (public key)' },
+  { algorithm: 'RSA-2048', operation: 'encrypt', variant: 'RSA-OAEP', result: 'output', mechanism: 'host (public key)' },
+  { algorithm: 'RSA-2048', operation: 'decrypt', variant: 'RSA-OAEP', result: 'output', mechanism: 'TPM2_RSA_Decrypt (TPM_ALG_OAEP)' },
+  { algorithm: 'HMAC SHA-256', operation: 'generate', variant: 'keyed hash', result: 'key-inside', mechanism: 'TPM2_Create (keyedHash, HMAC)' },
+  { algorithm: 'HMAC SHA-256', operation: 'sign', variant: 'HMAC-SHA-256', result: 'output', mechanism: 'TPM2_HMAC' },
+  { algorithm: 'HMAC SHA-256', operation: 'verify', variant: 'HMAC-SHA-256', result: 'output', mechanism: 'TPM2_HMAC' },
+];
+
+export interface Tpm2EnvironmentParams {
+  conn: TpmConnection;
+  store: KeyStore;
+  baseUri: SealUri;
+  info: EnvironmentInfo;
+}
+
+/** Key-creation options specific to the TPM (binding to PCRs, an auth value from a secret source). */
+export interface Tpm2KeyOptions {
+  /** Bind the key to the current values of these SHA-256 PCRs: it stops working when one changes. */
+  pcrs?: number[];
+  /** Secret source (`env:NAME` / `file:PATH`) of the key's auth value. */
+  authSource?: string;
+}
+
+export class Tpm2Environment implements SecureEnvironment {
+  readonly info: EnvironmentInfo;
+  readonly capabilities: readonly Capability[] = TPM2_CAPABILITIES;
+  readonly conn: TpmConnection;
+  readonly store: KeyStore;
+  readonly #p: Tpm2EnvironmentParams;
+  #closed = false;
+
+  constructor(p: Tpm2EnvironmentParams) {
+    this.#p = p;
+    this.conn = p.conn;
+    this.store = p.store;
+    this.info = p.info;
+  }
+
+  get uri(): string {
+    return this.#p.baseUri.toString();
+  }
+
+  #check(): void {
+    if (this.#closed) throw new SealError('CLOSED', 'the TPM environment is closed');
+  }
+
+  #handle(meta: StoredObject): Tpm2Key {
+    const blobs = this.store.blobs(meta.id);
+    const pub = decodePublic(blobs.public).area;
+    const spki = meta.algorithm ? spkiOf(meta.algorithm, pub) : undefined;
+    const authSource = meta.authSource;
+    return new Tpm2Key({
+      conn: this.conn,
+      meta,
+      ...blobs,
+      spki,
+      uri: this.#p.baseUri.withPath({ object: meta.label, type: meta.kind === 'secret' ? 'secret' : 'private' }).toString(),
+      auth: () => (authSource ? Buffer.from(resolveSecretSource(parseSecretSource(authSource)), 'utf8') : Buffer.alloc(0)),
+      onDestroy: async () => {
+        await this.conn.run('flush', (ctx) => this.conn.evict(ctx, meta.id));
+        this.store.remove(meta.id);
+      },
+    });
+  }
+
+  async generateKey(spec: GenerateKeySpec & { tpm?: Tpm2KeyOptions }): Promise<Tpm2Key> {
+    this.#check();
+    checkLabel(spec.label);
+    const algorithm = normalizeAlgorithm(spec.algorithm);
+    const usages = checkUsages(algorithm, spec.usages);
+    const short = algorithmShortName(algorithm);
+    if (!this.capabilities.some((c) => c.operation === 'generate' && c.algorithm === capabilityName(algorithm))) {
+      throw new SealError('NOT_SUPPORTED', `the TPM backend does not generate ${short} keys`);
+    }
+    if (this.store.list().some((o) => o.label === spec.label && o.kind !== 'data')) {
+      throw new SealError('KEY_EXISTS', `a key labelled '${spec.label}' already exists`);
+    }
+    const options = spec.tpm ?? {};
+    const authValue = options.authSource ? Buffer.from(resolveSecretSource(parseSecretSource(options.authSource)), 'utf8') : Buffer.alloc(0);
+    const policy = options.pcrs?.length ? await this.#pcrPolicy(options.pcrs) : undefined;
+    const template = keyTemplate(algorithm, usages, authValue.length === 0, policy?.digest);
+    const blobs = await this.conn.run('TPM2_Create', async (ctx) => {
+      const srk = await this.conn.srk(ctx);
+      const s = await this.conn.authSession(ctx, true, false);
+      return ctx.create(srk, [s], encodeSensitiveCreate(authValue), encodePublic(template));
+    }, false);
+    authValue.fill(0);
+    const meta: StoredObject = {
+      version: 1,
+      id: this.store.newId(),
+      label: spec.label,
+      kind: algorithm.name === 'HMAC' ? 'secret' : 'private',
+      algorithm,
+      usages,
+      origin: 'generated-inside',
+      created: new Date().toISOString(),
+      parent: this.conn.srkIsPersistent ? SRK_PERSISTENT_HANDLE : OWNER_PARENT,
+      ...(policy ? { pcrPolicy: { hash: 'SHA-256' as const, pcrs: [...options.pcrs!], digest: policy.digest.toString('hex') } } : {}),
+      ...(options.authSource ? { authSource: options.authSource } : {}),
+    };
+    this.store.save(meta, blobs);
+    return this.#handle(meta);
+  }
+
+  /** The PolicyPCR digest for the current values of `pcrs` (SHA-256 bank). */
+  async #pcrPolicy(pcrs: number[]): Promise<{ digest: Buffer }> {
+    const selection = encodePcrSelection(ALG.SHA256, pcrs);
+    const values = await this.readPcrs(pcrs);
+    return { digest: pcrPolicyDigest(ALG.SHA256, selection, values) };
+  }
+
+  /** Current SHA-256 PCR values, in index order. */
+  async readPcrs(pcrs: number[]): Promise<Buffer[]> {
+    const sorted = [...new Set(pcrs)].sort((a, b) => a - b);
+    return this.conn.run('TPM2_PCR_Read', async (ctx) => decodeDigestList((await ctx.pcrRead(encodePcrSelection(ALG.SHA256, sorted))).values));
+  }
+
+  async importPublicKey(_spec: ImportPublicKeySpec): Promise<KeyHandle> {
+    throw new SealError('NOT_SUPPORTED', 'the TPM backend verifies with public keys on the host; it stores no public-only keys');
+  }
+
+  /**
+   * Imports a key wrapped for this TPM's storage key (a duplication blob from `wrapForTpm` on a
+   * provisioning server): TPM2_Import re-encrypts it under the SRK; the private key is never in
+   * the clear on this machine.
+   */
+  async importWrapped(blob: WrappedTpmKey, spec: { label: string; usages: KeyUsage[] }): Promise<Tpm2Key> {
+    this.#check();
+    checkLabel(spec.label);
+    const pub = decodePublic(blob.public).area;
+    const algorithm = algorithmOf(pub);
+    const usages = checkUsages(algorithm, spec.usages);
+    const priv = await this.conn.run('TPM2_Import', async (ctx) => {
+      const srk = await this.conn.srk(ctx);
+      const s = await this.conn.authSession(ctx, false, false);
+      return (await ctx.import(srk, [s], Buffer.alloc(0), blob.public, blob.duplicate, blob.seed, encodeScheme(ALG.NULL))).private;
+    }, false);
+    const meta: StoredObject = {
+      version: 1,
+      id: this.store.newId(),
+      label: spec.label,
+      kind: algorithm.name === 'HMAC' ? 'secret' : 'private',
+      algorithm,
+      usages,
+      origin: 'imported',
+      created: new Date().toISOString(),
+      parent: this.conn.srkIsPersistent ? SRK_PERSISTENT_HANDLE : OWNER_PARENT,
+    };
+    this.store.save(meta, { public: blob.public, private: priv });
+    return this.#handle(meta);
+  }
+
+  /** The SRK's TPM2B_PUBLIC: what a provisioning server needs to wrap keys for this TPM. */
+  async storageKeyPublic(): Promise<Buffer> {
+    return this.conn.srkPublic();
+  }
+
+  /** Creates an attestation key: a restricted ECDSA P-256 signing key that signs only TPM-made structures. */
+  async createAttestationKey(label: string): Promise<Tpm2Key> {
+    this.#check();
+    checkLabel(label);
+    const template: PublicArea = {
+      type: 'ecc',
+      nameAlg: ALG.SHA256,
+      attributes: OBJ.fixedTPM | OBJ.fixedParent | OBJ.sensitiveDataOrigin | OBJ.userWithAuth | OBJ.noDA | OBJ.restricted | OBJ.sign,
+      authPolicy: Buffer.alloc(0),
+      symmetric: { alg: ALG.NULL },
+      scheme: { alg: ALG.ECDSA, hash: ALG.SHA256 },
+      curve: CURVE['P-256'],
+      kdf: { alg: ALG.NULL },
+      x: Buffer.alloc(0),
+      y: Buffer.alloc(0),
+    };
+    const blobs = await this.conn.run('TPM2_Create (attestation key)', async (ctx) => {
+      const srk = await this.conn.srk(ctx);
+      return ctx.create(srk, [await this.conn.authSession(ctx, true, false)], encodeSensitiveCreate(), encodePublic(template));
+    }, false);
+    const meta: StoredObject = {
+      version: 1,
+      id: this.store.newId(),
+      label,
+      kind: 'private',
+      algorithm: { name: 'ECDSA', namedCurve: 'P-256' },
+      usages: ['verify'],
+      origin: 'generated-inside',
+      created: new Date().toISOString(),
+      parent: this.conn.srkIsPersistent ? SRK_PERSISTENT_HANDLE : OWNER_PARENT,
+      attestation: true,
+    };
+    this.store.save(meta, blobs);
+    return this.#handle(meta);
+  }
+
+  /** TPM2_Quote of SHA-256 PCRs with a caller nonce, signed by an attestation key. */
+  async quote(ak: Tpm2Key, pcrs: number[], nonce: Buffer): Promise<{ attest: Buffer; signature: Buffer }> {
+    if (!ak.meta.attestation) throw new SealError('USAGE_NOT_PERMITTED', `${ak.label} is not an attestation key`);
+    if (nonce.length > 64) throw new SealError('INVALID_ARGUMENT', 'a quote nonce is at most 64 bytes');
+    const selection = encodePcrSelection(ALG.SHA256, pcrs);
+    return this.conn.run('TPM2_Quote', async (ctx) => {
+      const h = await this.conn.loaded(ctx, ak);
+      return ctx.quote(h, [await this.conn.authSession(ctx, false, false)], nonce, encodeScheme(ALG.ECDSA, ALG.SHA256), selection);
+    });
+  }
+
+  /** TPM2_PCR_Extend of one SHA-256 PCR (platform-auth PCRs refuse). */
+  async extendPcr(pcr: number, data: Buffer): Promise<void> {
+    const digest = createHash('sha256').update(data).digest();
+    const values = Buffer.concat([u32(1), u16(ALG.SHA256), digest]);
+    await this.conn.run('TPM2_PCR_Extend', (ctx) => ctx.pcrExtend(TR.PCR0 + pcr, [TR.PASSWORD], values), false);
+  }
+
+  async getKey(uriOrLabel: string, kind?: KeyKind): Promise<Tpm2Key> {
+    this.#check();
+    let label = uriOrLabel;
+    let wanted = kind;
+    if (uriOrLabel.startsWith('tpm2:')) {
+      const { SealUri } = await import('../../core/uri.js');
+      const u = SealUri.parse(uriOrLabel);
+      label = u.get('object') ?? '';
+      const t = u.get('type');
+      if (t === 'private' || t === 'secret') wanted ??= t;
+    }
+    const found = this.store.list().filter((o) => o.label === label && o.kind !== 'data' && (wanted === undefined || o.kind === wanted || (wanted === 'public' && o.kind === 'private')));
+    if (found.length === 0) throw new SealError('KEY_NOT_FOUND', `no key labelled '${label.slice(0, MAX_LABEL)}' in the TPM key store`);
+    if (found.length > 1) throw new SealError('AMBIGUOUS_KEY', `several keys are labelled '${label.slice(0, MAX_LABEL)}'`);
+    return this.#handle(found[0]!);
+  }
+
+  async listKeys(query: KeyQuery = {}): Promise<KeyHandle[]> {
+    this.#check();
+    return this.store
+      .list()
+      .filter((o) => o.kind !== 'data')
+      .filter((o) => query.label === undefined || o.label === query.label)
+      .filter((o) => query.kind === undefined || o.kind === query.kind || (query.kind === 'public' && o.kind === 'private'))
+      .filter((o) => query.id === undefined || o.id === query.id.toString('hex'))
+      .map((o) => this.#handle(o));
+  }
+
+  async random(length: number): Promise<Buffer> {
+    this.#check();
+    if (!Number.isInteger(length) || length < 0 || length > 1024 * 1024) throw new SealError('INVALID_ARGUMENT', 'random length must be 0..1048576');
+    const parts: Buffer[] = [];
+    let left = length;
+    while (left > 0) {
+      const n = Math.min(left, 32);
+      const r = await this.conn.run('TPM2_GetRandom', async (ctx) => (await ctx.getRandom(n, [await this.conn.authSession(ctx, false, true)])).random);
+      parts.push(r);
+      left -= r.length;
+    }
+    return Buffer.concat(parts).subarray(0, length);
+  }
+
+  // ---- sealed data ----------------------------------------------------------------------------------
+
+  /** Seals `value` to this TPM (optionally to PCR values): only this TPM can unseal it. */
+  async writeData(label: string, value: Buffer, options: { pcrs?: number[] } = {}): Promise<DataObjectInfo> {
+    this.#check();
+    checkLabel(label);
+    if (value.length === 0 || value.length > MAX_SEALED) throw new SealError('DATA_TOO_LARGE', `sealed data must be 1..${MAX_SEALED} bytes`);
+    const policy = options.pcrs?.length ? await this.#pcrPolicy(options.pcrs) : undefined;
+    const template: PublicArea = {
+      type: 'keyedhash',
+      nameAlg: ALG.SHA256,
+      attributes: OBJ.fixedTPM | OBJ.fixedParent | OBJ.noDA | (policy ? 0 : OBJ.userWithAuth),
+      authPolicy: policy?.digest ?? Buffer.alloc(0),
+      scheme: { alg: ALG.NULL },
+      unique: Buffer.alloc(0),
+    };
+    const existing = this.store.list().find((o) => o.kind === 'data' && o.label === label);
+    const blobs = await this.conn.run('TPM2_Create (sealed data)', async (ctx) => {
+      const srk = await this.conn.srk(ctx);
+      return ctx.create(srk, [await this.conn.authSession(ctx, true, false)], encodeSensitiveCreate(Buffer.alloc(0), value), encodePublic(template));
+    }, false);
+    if (existing) this.store.remove(existing.id);
+    const meta: StoredObject = {
+      version: 1,
+      id: this.store.newId(),
+      label,
+      kind: 'data',
+      usages: [],
+      origin: 'generated-inside',
+      created: new Date().toISOString(),
+      parent: this.conn.srkIsPersistent ? SRK_PERSISTENT_HANDLE : OWNER_PARENT,
+      ...(policy ? { pcrPolicy: { hash: 'SHA-256' as const, pcrs: [...options.pcrs!], digest: policy.digest.toString('hex') } } : {}),
+    };
+    this.store.save(meta, blobs);
+    return { label, size: value.length, uri: this.#dataUri(label) };
+  }
+
+  async readData(label: string): Promise<Buffer> {
+    this.#check();
+    const meta = this.store.list().find((o) => o.kind === 'data' && o.label === label);
+    if (!meta) throw new SealError('OBJECT_NOT_FOUND', `no sealed data labelled '${label.slice(0, MAX_LABEL)}'`);
+    const blobs = this.store.blobs(meta.id);
+    const obj: Loadable = { cacheKey: meta.id, ...blobs, auth: () => Buffer.alloc(0) };
+    return this.conn.run('TPM2_Unseal', async (ctx) => {
+      const h = await this.conn.loaded(ctx, obj);
+      if (meta.pcrPolicy) {
+        const sel = encodePcrSelection(ALG.SHA256, meta.pcrPolicy.pcrs);
+        const s = await this.conn.policySession(ctx, (session) => ctx.policyPcr(session, Buffer.alloc(0), sel).then(() => undefined));
+        try {
+          return (await ctx.unseal(h, [s])).data;
+        } finally {
+          await ctx.flushContext(s).catch(() => undefined);
+        }
+      }
+      return (await ctx.unseal(h, [await this.conn.authSession(ctx, false, true)])).data;
+    });
+  }
+
+  async deleteData(label: string): Promise<void> {
+    this.#check();
+    const meta = this.store.list().find((o) => o.kind === 'data' && o.label === label);
+    if (!meta) throw new SealError('OBJECT_NOT_FOUND', `no sealed data labelled '${label.slice(0, MAX_LABEL)}'`);
+    await this.conn.run('flush', (ctx) => this.conn.evict(ctx, meta.id));
+    this.store.remove(meta.id);
+  }
+
+  async listData(): Promise<DataObjectInfo[]> {
+    this.#check();
+    return this.store.list().filter((o) => o.kind === 'data').map((o) => ({ label: o.label, size: -1, uri: this.#dataUri(o.label) }));
+  }
+
+  #dataUri(label: string): string {
+    return this.#p.baseUri.withPath({ object: label, type: 'data' }).toString();
+  }
+
+  // ---- NV ---------------------------------------------------------------------------------------------
+
+  /** Defines (when absent) an owner-authorized NV index of `size` bytes and writes `data` at offset 0. */
+  async nvWrite(index: number, data: Buffer, size = data.length): Promise<void> {
+    if (index < 0x01000000 || index > 0x01ffffff) throw new SealError('INVALID_ARGUMENT', 'NV index must be 0x01000000..0x01FFFFFF');
+    if (data.length > size || size > 2048) throw new SealError('DATA_TOO_LARGE', 'NV data too large');
+    await this.conn.run('TPM2_NV_Write', async (ctx) => {
+      let nv: number;
+      try {
+        nv = (await ctx.trFromTpmPublic(index)).handle;
+      } catch {
+        // TPMA_NV_OWNERWRITE | OWNERREAD | AUTHWRITE | AUTHREAD | NO_DA
+        const attrs = 0x00000002 | 0x00020000 | 0x00000004 | 0x00040000 | 0x02000000;
+        const pub = Buffer.concat([u16(4 + 2 + 4 + 2 + 2), u32(index), u16(ALG.SHA256), u32(attrs), u16(0), u16(size)]);
+        nv = (await ctx.nvDefineSpace(TR.RH_OWNER, [TR.PASSWORD], Buffer.alloc(0), pub)).handle;
+      }
+      await ctx.nvWrite(nv, nv, [await this.conn.authSession(ctx, true, false)], data, 0);
+    }, false);
+  }
+
+  async nvRead(index: number, size: number): Promise<Buffer> {
+    return this.conn.run('TPM2_NV_Read', async (ctx) => {
+      const nv = (await ctx.trFromTpmPublic(index)).handle;
+      return (await ctx.nvRead(nv, nv, [await this.conn.authSession(ctx, false, true)], size, 0)).data;
+    });
+  }
+
+  async nvDelete(index: number): Promise<void> {
+    await this.conn.run('TPM2_NV_UndefineSpace', async (ctx) => {
+      const nv = (await ctx.trFromTpmPublic(index)).handle;
+      await ctx.nvUndefineSpace(TR.RH_OWNER, nv, [TR.PASSWORD]);
+    }, false);
+  }
+
+  async probeExtraction(key: KeyHandle): Promise<ExtractionAttempt[]> {
+    const k = key instanceof Tpm2Key ? key : await this.getKey(key.uri);
+    const pub = decodePublic(k.public).area;
+    const attempts: ExtractionAttempt[] = [];
+    attempts.push({ route: 'fixedTPM attribute (no duplication to another TPM)', refused: (pub.attributes & OBJ.fixedTPM) !== 0, backendCode: 'TPMA_OBJECT_FIXEDTPM' });
+    attempts.push({ route: 'fixedParent attribute (no re-parenting)', refused: (pub.attributes & OBJ.fixedParent) !== 0, backendCode: 'TPMA_OBJECT_FIXEDPARENT' });
+    // TPM2_Duplicate needs an ADMIN-role policy session; fixedParent objects are refused regardless
+    try {
+      await this.conn.run('TPM2_Duplicate probe', async (ctx) => {
+        const h = await this.conn.loaded(ctx, k);
+        // a duplication attempt by TPM2_ObjectChangeAuth-style reparenting is not exposed; reading
+        // the public area succeeds, the private part never leaves except encrypted by the parent
+        await ctx.readPublic(h);
+      });
+      attempts.push({ route: 'TPM2_ReadPublic (public area only: no private part in any TPM answer)', refused: true, backendCode: 'no command returns TPMT_SENSITIVE' });
+    } catch (e) {
+      attempts.push({ route: 'TPM2_ReadPublic', refused: true, backendCode: tpmError(e, 'probe').backendCode ?? 'error' });
+    }
+    return attempts;
+  }
+
+  /** Key-store consistency after crashes (`seal doctor`). */
+  check(): string[] {
+    return this.store.check();
+  }
+
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    await this.conn.close();
+  }
+}
+
+/** The duplication blob a provisioning server makes for a TPM (see wrapForTpm). */
+export interface WrappedTpmKey {
+  /** TPM2B_PUBLIC of the wrapped key. */
+  public: Buffer;
+  /** TPM2B_PRIVATE: outer-wrapped sensitive area. */
+  duplicate: Buffer;
+  /** TPM2B_ENCRYPTED_SECRET: the seed, encrypted to the SRK. */
+  seed: Buffer;
+}
+
+function checkLabel(label: unknown): asserts label is string {
+  if (typeof label !== 'string' || label.length === 0) throw new SealError('INVALID_ARGUMENT', 'label must be a non-empty string');
+  if (Buffer.byteLength(label) > MAX_LABEL) throw new SealError('INVALID_ARGUMENT', `label is longer than ${MAX_LABEL} bytes`);
+}
+
+function capabilityName(a: KeyAlgorithm): string {
+  switch (a.name) {
+    case 'ECDSA':
+    case 'ECDH':
+      return `${a.name} ${a.namedCurve}`;
+    case 'RSA':
+      return `RSA-${a.modulusLength}`;
+    case 'HMAC':
+      return `HMAC ${a.hash}`;
+    case 'AES':
+      return `AES-${a.length}`;
+    default:
+      return a.name;
+  }
+}
+
+/** Object template of a new key: always fixedTPM|fixedParent|sensitiveDataOrigin. */
+export function keyTemplate(a: KeyAlgorithm, usages: readonly KeyUsage[], noAuth: boolean, policy?: Buffer): PublicArea {
+  const base = OBJ.fixedTPM | OBJ.fixedParent | OBJ.sensitiveDataOrigin | (policy ? 0 : OBJ.userWithAuth) | (noAuth ? OBJ.noDA : 0);
+  const authPolicy = policy ?? Buffer.alloc(0);
+  const has = (u: KeyUsage): boolean => usages.includes(u);
+  switch (a.name) {
+    case 'ECDSA':
+      return { type: 'ecc', nameAlg: ALG.SHA256, attributes: base | OBJ.sign, authPolicy, symmetric: { alg: ALG.NULL }, scheme: { alg: ALG.NULL }, curve: CURVE[a.namedCurve], kdf: { alg: ALG.NULL }, x: Buffer.alloc(0), y: Buffer.alloc(0) };
+    case 'ECDH':
+      return { type: 'ecc', nameAlg: ALG.SHA256, attributes: base | OBJ.decrypt, authPolicy, symmetric: { alg: ALG.NULL }, scheme: { alg: ALG.NULL }, curve: CURVE[a.namedCurve], kdf: { alg: ALG.NULL }, x: Buffer.alloc(0), y: Buffer.alloc(0) };
+    case 'RSA': {
+      const attrs = base | (has('sign') ? OBJ.sign : 0) | (has('decrypt') || has('unwrapKey') ? OBJ.decrypt : 0);
+      return { type: 'rsa', nameAlg: ALG.SHA256, attributes: attrs, authPolicy, symmetric: { alg: ALG.NULL }, scheme: { alg: ALG.NULL }, keyBits: a.modulusLength, exponent: 0, modulus: Buffer.alloc(0) };
+    }
+    case 'HMAC':
+      return { type: 'keyedhash', nameAlg: ALG.SHA256, attributes: base | OBJ.sign, authPolicy, scheme: { alg: ALG.HMAC, hash: HASH_ALG[a.hash] }, unique: Buffer.alloc(0) };
+    default:
+      throw new SealError('NOT_SUPPORTED', `the TPM backend does not generate ${a.name} keys`);
+  }
+}
+
+function algorithmOf(p: PublicArea): KeyAlgorithm {
+  if (p.type === 'ecc') {
+    const curve = p.curve === CURVE['P-256'] ? 'P-256' : p.curve === CURVE['P-384'] ? 'P-384' : undefined;
+    if (!curve) throw new SealError('NOT_SUPPORTED', 'unsupported curve');
+    return (p.attributes & OBJ.sign) !== 0 ? { name: 'ECDSA', namedCurve: curve } : { name: 'ECDH', namedCurve: curve };
+  }
+  if (p.type === 'rsa' && p.keyBits === 2048) return { name: 'RSA', modulusLength: 2048 };
+  if (p.type === 'keyedhash' && p.scheme.alg === ALG.HMAC) return { name: 'HMAC', hash: 'SHA-256' };
+  throw new SealError('NOT_SUPPORTED', 'unsupported key type in the wrapped blob');
+}
+
+/** SPKI of a TPM public area. */
+export function spkiOf(a: KeyAlgorithm, p: PublicArea): Buffer | undefined {
+  if (p.type === 'ecc') return spkiFromAttributes(a, { ecPoint: Buffer.concat([Buffer.from([4]), p.x, p.y]) });
+  if (p.type === 'rsa') {
+    const e = Buffer.alloc(4);
+    e.writeUInt32BE(p.exponent === 0 ? 65537 : p.exponent);
+    return spkiFromAttributes(a, { modulus: p.modulus, exponent: e });
+  }
+  return undefined;
+}
+
+function u16(v: number): Buffer {
+  const b = Buffer.alloc(2);
+  b.writeUInt16BE(v);
+  return b;
+}
+function u32(v: number): Buffer {
+  const b = Buffer.alloc(4);
+  b.writeUInt32BE(v >>> 0);
+  return b;
+}
