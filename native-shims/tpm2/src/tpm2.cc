@@ -114,8 +114,9 @@ class Args {
   };
   // An array of up to three session handles (missing entries are ESYS_TR_NONE).
   Sessions sessions() {
-    Napi::Value v = next();
     Sessions s{ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE};
+    if (i_ >= info_.Length()) return s;  // trailing sessions may be left out
+    Napi::Value v = next();
     if (v.IsUndefined() || v.IsNull()) return s;
     if (!v.IsArray()) throw Napi::TypeError::New(info_.Env(), "sessions: array expected");
     auto a = v.As<Napi::Array>();

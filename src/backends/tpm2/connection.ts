@@ -7,7 +7,7 @@
  * Works without a resource manager: at most `maxLoaded` of our keys are loaded at once (plus a
  * transient SRK when it cannot be made persistent), and everything we load is flushed again.
  */
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync, readFileSync, renameSync } from 'node:fs';
 import path from 'node:path';
 import { SealError } from '../../core/errors.js';
 import { writeSecretFile } from '../../core/secrets.js';
@@ -219,7 +219,9 @@ export class TpmConnection {
   }
 
   #record(file: string, name: Buffer): void {
-    writeSecretFile(file, `${JSON.stringify({ handle: `0x${SRK_PERSISTENT_HANDLE.toString(16)}`, name: name.toString('hex') })}\n`);
+    const tmp = `${file}.${process.pid}.tmp`;
+    writeSecretFile(tmp, `${JSON.stringify({ handle: `0x${SRK_PERSISTENT_HANDLE.toString(16)}`, name: name.toString('hex') })}\n`);
+    renameSync(tmp, file);
   }
 
   async #createSrk(ctx: EsysContext): Promise<number> {
@@ -318,9 +320,9 @@ export class TpmConnection {
     await this.#queue.catch(() => undefined);
     this.#closed = true;
     const ctx = this.#ctx;
-    this.#ctx = undefined;
     if (!ctx) return;
     await this.#flushAll();
+    this.#ctx = undefined;
     if (this.#salted !== undefined) await ctx.flushContext(this.#salted).catch(() => undefined);
     if (this.#srkTransient && this.#srk !== undefined) await ctx.flushContext(this.#srk).catch(() => undefined);
     await ctx.close().catch(() => undefined);
