@@ -4,12 +4,12 @@
  * directory; sensitive data is sealed to the TPM (optionally to PCR values); attestation keys
  * certify keys and quote PCRs; keys wrapped for this TPM's SRK are imported (TPM2_Import).
  */
-import { createHash } from 'node:crypto';
+import { createCipheriv, createDecipheriv, createHash, randomBytes } from 'node:crypto';
 import { SealError } from '../../core/errors.js';
 import { checkUsages, normalizeAlgorithm, algorithmShortName, type KeyAlgorithm, type KeyKind, type KeyUsage } from '../../core/algorithms.js';
 import { parseSecretSource, resolveSecretSource } from '../../core/secrets.js';
 import { spkiFromAttributes } from '../../core/public-key.js';
-import type { SealUri } from '../../core/uri.js';
+import { SealUri } from '../../core/uri.js';
 import type {
   Capability,
   DataObjectInfo,
@@ -42,7 +42,8 @@ import {
 } from './marshal.js';
 
 const MAX_LABEL = 128;
-const MAX_SEALED = 128; // MAX_SYM_DATA on TPM 2.0
+const MAX_DATA = 1024 * 1024;
+const DATA_KEY_BYTES = 32; // sealed inside the TPM; the value itself is AES-256-GCM under it
 const OWNER_PARENT = 0x40000001;
 
 export const TPM2_CAPABILITIES: readonly Capability[] = [
@@ -112,7 +113,7 @@ export class Tpm2Environment implements SecureEnvironment {
       meta,
       ...blobs,
       spki,
-      uri: this.#p.baseUri.withPath({ object: meta.label, type: meta.kind === 'secret' ? 'secret' : 'private' }).toString(),
+      uri: this.#p.baseUri.withPath({ object: meta.label, id: Buffer.from(meta.id, 'hex'), type: meta.kind === 'secret' ? 'secret' : 'private' }).toString(),
       auth: () => (authSource ? Buffer.from(resolveSecretSource(parseSecretSource(authSource)), 'utf8') : Buffer.alloc(0)),
       onDestroy: async () => {
         await this.conn.run('flush', (ctx) => this.conn.evict(ctx, meta.id));
@@ -269,18 +270,25 @@ export class Tpm2Environment implements SecureEnvironment {
 
   async getKey(uriOrLabel: string, kind?: KeyKind): Promise<Tpm2Key> {
     this.#check();
-    let label = uriOrLabel;
+    let label: string | undefined = uriOrLabel;
+    let id: string | undefined;
     let wanted = kind;
     if (uriOrLabel.startsWith('tpm2:')) {
-      const { SealUri } = await import('../../core/uri.js');
       const u = SealUri.parse(uriOrLabel);
-      label = u.get('object') ?? '';
+      label = u.get('object');
+      id = u.getBytes('id')?.toString('hex');
       const t = u.get('type');
       if (t === 'private' || t === 'secret') wanted ??= t;
+      if (label === undefined && id === undefined) throw new SealError('INVALID_URI', 'a key URI needs object= or id=');
     }
-    const found = this.store.list().filter((o) => o.label === label && o.kind !== 'data' && (wanted === undefined || o.kind === wanted || (wanted === 'public' && o.kind === 'private')));
-    if (found.length === 0) throw new SealError('KEY_NOT_FOUND', `no key labelled '${label.slice(0, MAX_LABEL)}' in the TPM key store`);
-    if (found.length > 1) throw new SealError('AMBIGUOUS_KEY', `several keys are labelled '${label.slice(0, MAX_LABEL)}'`);
+    const found = this.store
+      .list()
+      .filter((o) => o.kind !== 'data')
+      .filter((o) => (label === undefined || o.label === label) && (id === undefined || o.id === id))
+      .filter((o) => wanted === undefined || o.kind === wanted || (wanted === 'public' && o.kind === 'private'));
+    const what = label !== undefined ? `labelled '${label.slice(0, MAX_LABEL)}'` : 'with that id';
+    if (found.length === 0) throw new SealError('KEY_NOT_FOUND', `no key ${what} in the TPM key store`);
+    if (found.length > 1) throw new SealError('AMBIGUOUS_KEY', `several keys ${what}`);
     return this.#handle(found[0]!);
   }
 
@@ -297,7 +305,7 @@ export class Tpm2Environment implements SecureEnvironment {
 
   async random(length: number): Promise<Buffer> {
     this.#check();
-    if (!Number.isInteger(length) || length < 0 || length > 1024 * 1024) throw new SealError('INVALID_ARGUMENT', 'random length must be 0..1048576');
+    if (!Number.isInteger(length) || length < 1 || length > 1024 * 1024) throw new SealError('INVALID_ARGUMENT', 'random length must be 1..1048576');
     const parts: Buffer[] = [];
     let left = length;
     while (left > 0) {
@@ -311,11 +319,20 @@ export class Tpm2Environment implements SecureEnvironment {
 
   // ---- sealed data ----------------------------------------------------------------------------------
 
-  /** Seals `value` to this TPM (optionally to PCR values): only this TPM can unseal it. */
+  /**
+   * Seals `value` to this TPM (optionally to PCR values): a fresh 256-bit data key is sealed in a
+   * TPM object (only this TPM can unseal it, and only while the PCRs match), the value is
+   * AES-256-GCM encrypted under it in the key store.
+   */
   async writeData(label: string, value: Buffer, options: { pcrs?: number[] } = {}): Promise<DataObjectInfo> {
     this.#check();
     checkLabel(label);
-    if (value.length === 0 || value.length > MAX_SEALED) throw new SealError('DATA_TOO_LARGE', `sealed data must be 1..${MAX_SEALED} bytes`);
+    if (!Buffer.isBuffer(value) || value.length > MAX_DATA) throw new SealError('DATA_TOO_LARGE', `sealed data must be at most ${MAX_DATA} bytes`);
+    const dataKey = randomBytes(DATA_KEY_BYTES);
+    const iv = randomBytes(12);
+    const cipher = createCipheriv('aes-256-gcm', dataKey, iv);
+    cipher.setAAD(Buffer.from(label, 'utf8'));
+    const envelope = Buffer.concat([iv, cipher.update(value), cipher.final(), cipher.getAuthTag()]).toString('base64');
     const policy = options.pcrs?.length ? await this.#pcrPolicy(options.pcrs) : undefined;
     const template: PublicArea = {
       type: 'keyedhash',
@@ -328,8 +345,9 @@ export class Tpm2Environment implements SecureEnvironment {
     const existing = this.store.list().find((o) => o.kind === 'data' && o.label === label);
     const blobs = await this.conn.run('TPM2_Create (sealed data)', async (ctx) => {
       const srk = await this.conn.srk(ctx);
-      return ctx.create(srk, [await this.conn.authSession(ctx, true, false)], encodeSensitiveCreate(Buffer.alloc(0), value), encodePublic(template));
+      return ctx.create(srk, [await this.conn.authSession(ctx, true, false)], encodeSensitiveCreate(Buffer.alloc(0), dataKey), encodePublic(template));
     }, false);
+    dataKey.fill(0);
     if (existing) this.store.remove(existing.id);
     const meta: StoredObject = {
       version: 1,
@@ -340,6 +358,8 @@ export class Tpm2Environment implements SecureEnvironment {
       origin: 'generated-inside',
       created: new Date().toISOString(),
       parent: this.conn.srkIsPersistent ? SRK_PERSISTENT_HANDLE : OWNER_PARENT,
+      size: value.length,
+      envelope,
       ...(policy ? { pcrPolicy: { hash: 'SHA-256' as const, pcrs: [...options.pcrs!], digest: policy.digest.toString('hex') } } : {}),
     };
     this.store.save(meta, blobs);
@@ -352,7 +372,7 @@ export class Tpm2Environment implements SecureEnvironment {
     if (!meta) throw new SealError('OBJECT_NOT_FOUND', `no sealed data labelled '${label.slice(0, MAX_LABEL)}'`);
     const blobs = this.store.blobs(meta.id);
     const obj: Loadable = { cacheKey: meta.id, ...blobs, auth: () => Buffer.alloc(0) };
-    return this.conn.run('TPM2_Unseal', async (ctx) => {
+    const dataKey = await this.conn.run('TPM2_Unseal', async (ctx) => {
       const h = await this.conn.loaded(ctx, obj);
       if (meta.pcrPolicy) {
         const sel = encodePcrSelection(ALG.SHA256, meta.pcrPolicy.pcrs);
@@ -365,6 +385,18 @@ export class Tpm2Environment implements SecureEnvironment {
       }
       return (await ctx.unseal(h, [await this.conn.authSession(ctx, false, true)])).data;
     });
+    const env = Buffer.from(meta.envelope ?? '', 'base64');
+    if (env.length < 28) throw new SealError('DEVICE_ERROR', 'sealed data record is damaged');
+    try {
+      const d = createDecipheriv('aes-256-gcm', dataKey, env.subarray(0, 12));
+      d.setAAD(Buffer.from(label, 'utf8'));
+      d.setAuthTag(env.subarray(env.length - 16));
+      return Buffer.concat([d.update(env.subarray(12, env.length - 16)), d.final()]);
+    } catch (e) {
+      throw new SealError('DECRYPTION_FAILED', 'sealed data record does not authenticate (damaged or replaced)', { cause: e });
+    } finally {
+      dataKey.fill(0);
+    }
   }
 
   async deleteData(label: string): Promise<void> {
@@ -377,7 +409,7 @@ export class Tpm2Environment implements SecureEnvironment {
 
   async listData(): Promise<DataObjectInfo[]> {
     this.#check();
-    return this.store.list().filter((o) => o.kind === 'data').map((o) => ({ label: o.label, size: -1, uri: this.#dataUri(o.label) }));
+    return this.store.list().filter((o) => o.kind === 'data').map((o) => ({ label: o.label, size: o.size ?? 0, uri: this.#dataUri(o.label) }));
   }
 
   #dataUri(label: string): string {
@@ -489,7 +521,8 @@ export function keyTemplate(a: KeyAlgorithm, usages: readonly KeyUsage[], noAuth
   const has = (u: KeyUsage): boolean => usages.includes(u);
   switch (a.name) {
     case 'ECDSA':
-      return { type: 'ecc', nameAlg: ALG.SHA256, attributes: base | OBJ.sign, authPolicy, symmetric: { alg: ALG.NULL }, scheme: { alg: ALG.NULL }, curve: CURVE[a.namedCurve], kdf: { alg: ALG.NULL }, x: Buffer.alloc(0), y: Buffer.alloc(0) };
+      // a TPM ECC key needs sign or decrypt: a verify-only key gets decrypt, so the TPM refuses to sign with it
+      return { type: 'ecc', nameAlg: ALG.SHA256, attributes: base | (has('sign') ? OBJ.sign : OBJ.decrypt), authPolicy, symmetric: { alg: ALG.NULL }, scheme: { alg: ALG.NULL }, curve: CURVE[a.namedCurve], kdf: { alg: ALG.NULL }, x: Buffer.alloc(0), y: Buffer.alloc(0) };
     case 'ECDH':
       return { type: 'ecc', nameAlg: ALG.SHA256, attributes: base | OBJ.decrypt, authPolicy, symmetric: { alg: ALG.NULL }, scheme: { alg: ALG.NULL }, curve: CURVE[a.namedCurve], kdf: { alg: ALG.NULL }, x: Buffer.alloc(0), y: Buffer.alloc(0) };
     case 'RSA': {
@@ -497,7 +530,7 @@ export function keyTemplate(a: KeyAlgorithm, usages: readonly KeyUsage[], noAuth
       return { type: 'rsa', nameAlg: ALG.SHA256, attributes: attrs, authPolicy, symmetric: { alg: ALG.NULL }, scheme: { alg: ALG.NULL }, keyBits: a.modulusLength, exponent: 0, modulus: Buffer.alloc(0) };
     }
     case 'HMAC':
-      return { type: 'keyedhash', nameAlg: ALG.SHA256, attributes: base | OBJ.sign, authPolicy, scheme: { alg: ALG.HMAC, hash: HASH_ALG[a.hash] }, unique: Buffer.alloc(0) };
+      return { type: 'keyedhash', nameAlg: ALG.SHA256, attributes: base | (has('sign') || has('verify') ? OBJ.sign : 0), authPolicy, scheme: { alg: ALG.HMAC, hash: HASH_ALG[a.hash] }, unique: Buffer.alloc(0) };
     default:
       throw new SealError('NOT_SUPPORTED', `the TPM backend does not generate ${a.name} keys`);
   }

@@ -39,6 +39,7 @@ export interface Tpm2KeyParams {
 
 export class Tpm2Key implements KeyHandle, Loadable {
   readonly #p: Tpm2KeyParams;
+  #destroyed = false;
 
   constructor(p: Tpm2KeyParams) {
     this.#p = p;
@@ -97,6 +98,7 @@ export class Tpm2Key implements KeyHandle, Loadable {
 
   /** Runs `fn` with the key loaded and its authorization session (policy or auth value). */
   async #withKey<T>(what: string, decrypt: boolean, encrypt: boolean, fn: (ctx: import('./native.js').EsysContext, handle: number, session: number) => Promise<T>, idempotent = true): Promise<T> {
+    if (this.#destroyed) throw new SealError('KEY_NOT_FOUND', `key '${this.label}' was destroyed`);
     const conn = this.#p.conn;
     return conn.run(what, async (ctx) => {
       const handle = await conn.loaded(ctx, this);
@@ -152,7 +154,13 @@ export class Tpm2Key implements KeyHandle, Loadable {
     if (a.name === 'ECDSA') {
       let der = signature;
       if (options.format === 'p1363') der = p1363ToDer(signature);
-      else derToP1363(signature, COORDINATE[a.namedCurve]); // strict DER check: throws on malformed
+      else {
+        try {
+          derToP1363(signature, COORDINATE[a.namedCurve]); // strict DER: a malleated encoding does not verify
+        } catch {
+          return false;
+        }
+      }
       return nodeVerify(hash, data, key, der);
     }
     if (a.name === 'RSA') {
@@ -166,7 +174,7 @@ export class Tpm2Key implements KeyHandle, Loadable {
     this.#require('encrypt');
     if (this.algorithm.name !== 'RSA' || !this.#p.spki) throw new SealError('NOT_SUPPORTED', 'the TPM backend encrypts with RSA-OAEP public keys only');
     if ((options.algorithm ?? 'RSA-OAEP') !== 'RSA-OAEP') throw new SealError('NOT_SUPPORTED', 'RSA keys encrypt with RSA-OAEP');
-    const hash = (options.hash ?? 'SHA-256').replace('-', '').toLowerCase();
+    const hash = (options.hash ?? 'SHA-1').replace('-', '').toLowerCase();
     const key = createPublicKey({ key: this.#p.spki, format: 'der', type: 'spki' });
     return { ciphertext: publicEncrypt({ key, padding: constants.RSA_PKCS1_OAEP_PADDING, oaepHash: hash }, data) };
   }
@@ -175,11 +183,19 @@ export class Tpm2Key implements KeyHandle, Loadable {
     this.#require('decrypt');
     if (this.algorithm.name !== 'RSA') throw new SealError('NOT_SUPPORTED', 'the TPM backend decrypts with RSA-OAEP keys only');
     if ((options.algorithm ?? 'RSA-OAEP') !== 'RSA-OAEP') throw new SealError('NOT_SUPPORTED', 'RSA keys decrypt with RSA-OAEP');
-    const hash = options.hash ?? 'SHA-256';
+    const hash = options.hash ?? 'SHA-1';
     if (data.length !== 256) throw new SealError('INVALID_ARGUMENT', 'RSA-2048 ciphertext must be 256 bytes');
-    const r = await this.#withKey('TPM2_RSA_Decrypt', true, true, (ctx, h, s) =>
-      ctx.rsaDecrypt(h, [s], data, encodeScheme(ALG.OAEP, HASH_ALG[hash]), Buffer.alloc(0)));
-    return r.message;
+    try {
+      const r = await this.#withKey('TPM2_RSA_Decrypt', true, true, (ctx, h, s) =>
+        ctx.rsaDecrypt(h, [s], data, encodeScheme(ALG.OAEP, HASH_ALG[hash]), Buffer.alloc(0)));
+      return r.message;
+    } catch (e) {
+      // a bad OAEP padding is TPM_RC_VALUE (libtpms answers TPM_RC_FAILURE): the ciphertext, not the device
+      if (e instanceof SealError && (e.backendCode === 'TPM_RC_VALUE' || e.backendCode === 'TPM_RC_FAILURE' || e.backendCode === 'TPM_RC_SIZE')) {
+        throw new SealError('DECRYPTION_FAILED', 'decryption failed', { backendCode: e.backendCode, ...(e.backendStatus !== undefined ? { backendStatus: e.backendStatus } : {}) });
+      }
+      throw e;
+    }
   }
 
   async agree(): Promise<KeyHandle> {
@@ -218,7 +234,23 @@ export class Tpm2Key implements KeyHandle, Loadable {
   }
 
   async destroy(): Promise<void> {
+    if (this.#destroyed) throw new SealError('KEY_NOT_FOUND', `key '${this.label}' was destroyed`);
     await this.#p.onDestroy();
+    this.#destroyed = true;
+  }
+
+  /**
+   * Audit probe: asks the TPM itself to sign with this key, bypassing seal-bridge's usage check, and
+   * returns the TPM's answer (`accepted` or its TPM_RC name). Proof that the refusal is the module's.
+   */
+  async probeModuleSign(): Promise<string> {
+    const digest = createHash('sha256').update('probe').digest();
+    try {
+      await this.#withKey('TPM2_Sign probe', false, false, (ctx, h, s) => ctx.sign(h, [s], digest, encodeScheme(ALG.ECDSA, ALG.SHA256)));
+      return 'accepted';
+    } catch (e) {
+      return e instanceof SealError ? (e.backendCode ?? e.code) : 'error';
+    }
   }
 
   /** Certifies this key with an attestation key (TPM2_Certify): proof that it lives in this TPM. */

@@ -29,6 +29,9 @@ export interface StoredObject {
   authSource?: string;
   /** An attestation key (restricted signing key). */
   attestation?: boolean;
+  /** Sealed data: length of the value and its AES-256-GCM envelope (iv ‖ ciphertext ‖ tag, base64). */
+  size?: number;
+  envelope?: string;
   /** Parent handle recorded in the key file. */
   parent: number;
 }
