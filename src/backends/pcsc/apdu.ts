@@ -3,6 +3,7 @@
  * chaining, status word translation, and the T=0 style response handling (`61xx` GET RESPONSE,
  * `6Cxx` resend with the right Le) that both transports run below the driver.
  */
+import { AsyncLocalStorage } from 'node:async_hooks';
 import { SealError, type ErrorCode } from '../../core/errors.js';
 import type { ResponseApdu } from './transport.js';
 
@@ -267,4 +268,109 @@ function withLe(command: Buffer, ne: number): Buffer {
     throw new SealError('DEVICE_ERROR', 'the card asked to resend a command that is not a well-formed APDU', { cause: e });
   }
   return commandApdu(p.cla, p.ins, p.p1, p.p2, p.data, ne);
+}
+
+/**
+ * The class byte `cla` (written for the basic channel) moved to logical channel `channel`
+ * (ISO 7816-4 5.4.1): channels 0–3 in b2b1 of the first interindustry form (`0x00`–`0x03`,
+ * proprietary `0x80`–`0x83`), channels 4–19 in b4..b1 of the further interindustry form
+ * (`0x40`–`0x4F`, proprietary `0xC0`–`0xCF`). The chaining bit (0x10) and b8 are kept.
+ */
+export function claWithChannel(cla: number, channel: number): number {
+  checkByte(cla, 'CLA');
+  if (!Number.isInteger(channel) || channel < 0 || channel > 19) throw new SealError('INVALID_ARGUMENT', `logical channel must be 0..19, got ${String(channel)}`);
+  if (channel <= 3) return (cla & 0x9c) | channel;
+  return (cla & 0x90) | 0x40 | (channel - 4);
+}
+
+/** `apdu` with its class byte moved to `channel` (a copy; the caller's buffer is untouched). */
+export function onChannel(apdu: Buffer, channel: number): Buffer {
+  if (apdu.length < 4) throw new SealError('INVALID_ARGUMENT', `malformed command APDU of ${apdu.length} bytes`);
+  if (channel === 0) return apdu;
+  const copy = Buffer.from(apdu);
+  copy[0] = claWithChannel(copy[0]!, channel);
+  return copy;
+}
+
+/**
+ * Whether the ATR's historical bytes announce extended Lc/Le (ISO 7816-4 8.1.1.2.7: compact-TLV
+ * "card capabilities" tag 7, third software function table byte, b7). False when the ATR says
+ * nothing or cannot be read.
+ */
+export function atrSupportsExtendedLength(atr: Buffer): boolean {
+  if (atr.length < 2) return false;
+  const t0 = atr[1]!;
+  const k = t0 & 0x0f;
+  let y = t0 >> 4;
+  let i = 2;
+  for (;;) {
+    if (y & 1) i++;
+    if (y & 2) i++;
+    if (y & 4) i++;
+    if (!(y & 8)) break;
+    if (i >= atr.length) return false;
+    y = atr[i]! >> 4;
+    i++;
+  }
+  const hist = atr.subarray(i, i + k);
+  if (hist.length !== k || k === 0) return false;
+  // Category 0x80: compact-TLV objects follow; 0x00: the same with a 3-byte status at the end.
+  let objects: Buffer;
+  if (hist[0] === 0x80) objects = hist.subarray(1);
+  else if (hist[0] === 0x00 && hist.length >= 4) objects = hist.subarray(1, hist.length - 3);
+  else return false;
+  for (let j = 0; j < objects.length; ) {
+    const tag = objects[j]! >> 4;
+    const len = objects[j]! & 0x0f;
+    const value = objects.subarray(j + 1, j + 1 + len);
+    if (value.length !== len) return false;
+    if (tag === 0x7 && len >= 3) return (value[2]! & 0x40) !== 0;
+    j += 1 + len;
+  }
+  return false;
+}
+
+/** Runs async functions one at a time, in call order. Not reentrant: never nest `run`. */
+export class SerialQueue {
+  private tail: Promise<void> = Promise.resolve();
+
+  async run<T>(fn: () => Promise<T>): Promise<T> {
+    const previous = this.tail;
+    let release!: () => void;
+    this.tail = new Promise<void>((r) => (release = r));
+    await previous;
+    try {
+      return await fn();
+    } finally {
+      release();
+    }
+  }
+}
+
+/**
+ * A reentrant lock for `ApduTransport.exclusive`: callers queue up, and code running inside the
+ * holder's `fn` (its async continuations) passes straight through, so nested `exclusive` calls
+ * and the transport's own `transmit` inside `fn` do not deadlock. The pass is bound to the
+ * holder's run: a callback scheduled inside `fn` that runs after it ended queues like anyone.
+ */
+export class ExclusiveLock {
+  private readonly queue = new SerialQueue();
+  private readonly holder = new AsyncLocalStorage<{ active: boolean }>();
+
+  /** True when the current async context runs inside this lock's holder. */
+  held(): boolean {
+    return this.holder.getStore()?.active === true;
+  }
+
+  run<T>(fn: () => Promise<T>): Promise<T> {
+    if (this.held()) return fn();
+    return this.queue.run(async () => {
+      const token = { active: true };
+      try {
+        return await this.holder.run(token, fn);
+      } finally {
+        token.active = false;
+      }
+    });
+  }
 }

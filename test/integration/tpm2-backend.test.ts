@@ -1,0 +1,254 @@
+/**
+ * The TPM 2.0 backend against swtpm (no resource manager), cross-checked with openssl and
+ * tpm2-tools: CLI keys verify with openssl and carry fixedtpm|fixedparent|sensitivedataorigin,
+ * keys survive a TPM restart, quotes verify and any changed byte is refused, PCR-bound keys stop
+ * after tpm2_pcrextend, keys wrapped for one TPM import there and nowhere else.
+ */
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { createPublicKey, generateKeyPairSync, randomBytes, verify as nodeVerify } from 'node:crypto';
+import { mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { openEnvironment, SealError, verifyCertify, verifyQuote, wrapForTpm } from '../../src/index.js';
+import type { Tpm2Environment } from '../../src/index.js';
+import { requireEnv } from '../helpers/env.js';
+
+const root = resolve(import.meta.dirname, '..', '..');
+const cli = join(root, 'dist', 'cli', 'main.js');
+const work = mkdtempSync(join(tmpdir(), 'seal-tpm-'));
+const data = Buffer.from('signed inside the TPM');
+
+function run(cmd: string, args: string[]): { status: number | null; stdout: string; stderr: string } {
+  const r = spawnSync(cmd, args, { encoding: 'utf8', timeout: 120_000 });
+  return { status: r.status, stdout: r.stdout ?? '', stderr: r.stderr ?? '' };
+}
+
+function canBind(port: number): Promise<boolean> {
+  return new Promise((res) => {
+    const s = createServer();
+    s.once('error', () => res(false));
+    s.listen(port, '127.0.0.1', () => s.close(() => res(true)));
+  });
+}
+
+/** A free port P with P+1 free too: the swtpm TCTI finds the control port at P+1. */
+async function freePortPair(): Promise<number> {
+  for (;;) {
+    const p = 20000 + Math.floor(Math.random() * 40000);
+    if ((await canBind(p)) && (await canBind(p + 1))) return p;
+  }
+}
+
+/** A swtpm of this test's own: loopback only, its own state directory, stopped by its pid. */
+class Swtpm {
+  #proc: ChildProcess | undefined;
+  constructor(readonly state: string, readonly port: number, readonly ctrl: number) {}
+  static async create(name: string): Promise<Swtpm> {
+    const state = join(work, name);
+    spawnSync('mkdir', ['-p', state]);
+    const port = await freePortPair();
+    return new Swtpm(state, port, port + 1);
+  }
+  get tcti(): string {
+    return `swtpm:host=127.0.0.1,port=${this.port}`;
+  }
+  uri(keystore: string): string {
+    return `tpm2:?tcti=${this.tcti}&keystore=${keystore}`;
+  }
+  async start(): Promise<void> {
+    this.#proc = spawn('swtpm', ['socket', '--tpm2', '--tpmstate', `dir=${this.state}`,
+      '--server', `type=tcp,port=${this.port},bindaddr=127.0.0.1`, '--ctrl', `type=tcp,port=${this.ctrl},bindaddr=127.0.0.1`,
+      '--flags', 'not-need-init,startup-clear'], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
+    this.#proc.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+    for (let i = 0; i < 100; i++) {
+      const probe = run('tpm2_getcap', ['-T', this.tcti, 'properties-fixed']);
+      if (probe.status === 0) return;
+      stderr = probe.stderr.slice(0, 300);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    throw new Error(`swtpm did not start: ${stderr}`);
+  }
+  async stop(): Promise<void> {
+    const p = this.#proc;
+    this.#proc = undefined;
+    if (!p || p.exitCode !== null) return;
+    const exited = new Promise((r) => p.once('exit', r));
+    p.kill('SIGTERM');
+    await exited;
+  }
+}
+
+function transientHandles(tcti: string): string[] {
+  const r = run('tpm2_getcap', ['-T', tcti, 'handles-transient']);
+  expect(r.status, r.stderr).toBe(0);
+  return r.stdout.split('\n').filter((l) => l.includes('0x'));
+}
+
+describe('TPM 2.0 backend on swtpm', () => {
+  const a = { tpm: undefined as unknown as Swtpm, keystore: join(work, 'keys-a') };
+  const b = { tpm: undefined as unknown as Swtpm, keystore: join(work, 'keys-b') };
+
+  beforeAll(async () => {
+    a.tpm = await Swtpm.create('tpm-a');
+    b.tpm = await Swtpm.create('tpm-b');
+    await a.tpm.start();
+    await b.tpm.start();
+  });
+
+  afterAll(async () => {
+    await a.tpm?.stop();
+    await b.tpm?.stop();
+  });
+
+  it('seal key create → sign → openssl dgst -verify with seal pubkey; tpm2_print shows fixedtpm|fixedparent|sensitivedataorigin', () => {
+    const uri = requireEnv('SEAL_TPM_URI');
+    const label = `cli-${randomBytes(4).toString('hex')}`;
+    const seal = (...args: string[]) => run(process.execPath, [cli, '--env', uri, ...args]);
+    const created = seal('key', 'create', '--label', label, '--alg', 'ecdsa-p256');
+    expect(created.status, created.stderr).toBe(0);
+    const file = join(work, 'data.txt');
+    writeFileSync(file, data);
+    const pub = seal('pubkey', label);
+    expect(pub.status, pub.stderr).toBe(0);
+    writeFileSync(join(work, 'pub.pem'), pub.stdout);
+    const sig = seal('sign', '--key', label, '--in', file, '--out', join(work, 'sig.der'));
+    expect(sig.status, sig.stderr).toBe(0);
+    const v = run('openssl', ['dgst', '-sha256', '-verify', join(work, 'pub.pem'), '-signature', join(work, 'sig.der'), file]);
+    expect(v.stdout.trim()).toBe('Verified OK');
+    // the key file in the store is a TSS2 PEM key file that tpm2-tools reads
+    const keystore = new URLSearchParams(uri.slice(uri.indexOf('?') + 1)).get('keystore')!;
+    const meta = readdirSync(keystore)
+      .filter((f) => f.endsWith('.json') && f !== 'srk.json')
+      .map((f) => JSON.parse(readFileSync(join(keystore, f), 'utf8')) as { id: string; label: string })
+      .find((m) => m.label === label);
+    expect(meta).toBeDefined();
+    const printed = run('tpm2_print', ['-t', 'TSSPRIVKEY_OBJ', join(keystore, `${meta!.id}.pem`)]);
+    expect(printed.status, printed.stderr).toBe(0);
+    const attrs = (/attributes:\s*\n\s*value: (\S+)/.exec(printed.stdout)?.[1] ?? '').split('|');
+    expect(attrs).toEqual(expect.arrayContaining(['fixedtpm', 'fixedparent', 'sensitivedataorigin', 'sign']));
+    const del = seal('key', 'delete', label);
+    expect(del.status, del.stderr).toBe(0);
+  });
+
+  it('keys keep working after swtpm is killed and restarted with the same state (reconnect, reload from blobs)', async () => {
+    const env = (await openEnvironment(a.tpm.uri(a.keystore))) as Tpm2Environment;
+    try {
+      const key = await env.generateKey({ label: 'restart', algorithm: { name: 'ECDSA', namedCurve: 'P-256' }, usages: ['sign', 'verify'] });
+      const spki = createPublicKey({ key: key.publicKey!, format: 'der', type: 'spki' });
+      expect(nodeVerify('sha256', data, spki, await key.sign(data))).toBe(true);
+      const before = env.conn.reconnects;
+      await a.tpm.stop();
+      await a.tpm.start();
+      expect(nodeVerify('sha256', data, spki, await key.sign(data))).toBe(true);
+      expect(env.conn.reconnects).toBe(before + 1);
+      // and a fresh environment finds it in the key store
+      const again = await env.getKey('restart');
+      expect(nodeVerify('sha256', data, spki, await again.sign(data))).toBe(true);
+    } finally {
+      await env.close();
+    }
+    // nothing of ours stays loaded in a TPM without a resource manager
+    expect(transientHandles(a.tpm.tcti)).toEqual([]);
+  });
+
+  it('a quote verifies with the library verifier; any changed byte, or another nonce, is refused', async () => {
+    const env = (await openEnvironment(a.tpm.uri(a.keystore))) as Tpm2Environment;
+    try {
+      const ak = await env.createAttestationKey('ak');
+      const nonce = randomBytes(20);
+      const pcrs = [0, 7, 16];
+      const quote = await env.quote(ak, pcrs, nonce);
+      const values = await env.readPcrs(pcrs);
+      const ok = verifyQuote(ak.publicKey!, quote, nonce, { pcrs, values });
+      expect(ok.attest.extraData.equals(nonce)).toBe(true);
+      let refused = 0;
+      for (const part of ['attest', 'signature'] as const) {
+        for (let i = 0; i < quote[part].length; i++) {
+          const changed = { ...quote, [part]: Buffer.from(quote[part]) };
+          changed[part][i] = changed[part][i]! ^ 0x01;
+          expect(() => verifyQuote(ak.publicKey!, changed, nonce, { pcrs, values }), `${part} byte ${i}`).toThrow(SealError);
+          refused++;
+        }
+      }
+      expect(refused).toBe(quote.attest.length + quote.signature.length);
+      const otherNonce = Buffer.from(nonce);
+      otherNonce[0] = otherNonce[0]! ^ 0xff;
+      expect(() => verifyQuote(ak.publicKey!, quote, otherNonce)).toThrow(/nonce/);
+      // other PCR values than the quoted ones
+      const wrongValues = values.map((v, i) => (i === 0 ? Buffer.alloc(v.length, 0xaa) : v));
+      expect(() => verifyQuote(ak.publicKey!, quote, nonce, { pcrs, values: wrongValues })).toThrow(/PCR digest/);
+
+      // certify: the key's Name is certified by the attestation key
+      const key = await env.generateKey({ label: 'certified', algorithm: { name: 'ECDSA', namedCurve: 'P-256' }, usages: ['sign'] });
+      const cert = await key.certifyWith(ak, nonce);
+      expect(verifyCertify(ak.publicKey!, cert, nonce, key.public).spki!.equals(key.publicKey!)).toBe(true);
+      const other = await env.generateKey({ label: 'not-certified', algorithm: { name: 'ECDSA', namedCurve: 'P-256' }, usages: ['sign'] });
+      expect(() => verifyCertify(ak.publicKey!, cert, nonce, other.public)).toThrow(/Name/);
+    } finally {
+      await env.close();
+    }
+  });
+
+  it('a PCR-bound key signs until tpm2_pcrextend changes its PCR, then the TPM refuses', async () => {
+    const env = (await openEnvironment(a.tpm.uri(a.keystore))) as Tpm2Environment;
+    try {
+      const key = await env.generateKey({ label: 'pcr-bound', algorithm: { name: 'ECDSA', namedCurve: 'P-256' }, usages: ['sign'], tpm: { pcrs: [16] } });
+      const spki = createPublicKey({ key: key.publicKey!, format: 'der', type: 'spki' });
+      expect(nodeVerify('sha256', data, spki, await key.sign(data))).toBe(true);
+      const ext = run('tpm2_pcrextend', ['-T', a.tpm.tcti, `16:sha256=${randomBytes(32).toString('hex')}`]);
+      expect(ext.status, ext.stderr).toBe(0);
+      const e = await key.sign(data).then(() => undefined, (err: unknown) => err);
+      expect(e).toBeInstanceOf(SealError);
+      expect((e as SealError).code).toBe('USAGE_NOT_PERMITTED');
+      expect((e as SealError).backendCode).toBe('TPM_RC_POLICY_FAIL');
+      // sealed data bound to the new value unseals; after another extend it does not
+      await env.writeData('pcr-secret', Buffer.from('only while PCR 16 is unchanged'), { pcrs: [16] });
+      expect((await env.readData('pcr-secret')).toString()).toBe('only while PCR 16 is unchanged');
+      expect(run('tpm2_pcrextend', ['-T', a.tpm.tcti, `16:sha256=${randomBytes(32).toString('hex')}`]).status).toBe(0);
+      await expect(env.readData('pcr-secret')).rejects.toMatchObject({ code: 'USAGE_NOT_PERMITTED' });
+    } finally {
+      await env.close();
+    }
+  });
+
+  it('a key wrapped by the server-side helper for this SRK imports and signs; the same blob fails on another TPM', async () => {
+    const envA = (await openEnvironment(a.tpm.uri(a.keystore))) as Tpm2Environment;
+    const envB = (await openEnvironment(b.tpm.uri(b.keystore))) as Tpm2Environment;
+    try {
+      const srk = await envA.storageKeyPublic();
+      const { privateKey, publicKey } = generateKeyPairSync('ec', { namedCurve: 'P-256' });
+      const blob = wrapForTpm(srk, privateKey);
+      const imported = await envA.importWrapped(blob, { label: 'provisioned', usages: ['sign', 'verify'] });
+      expect(imported.provenance.origin).toBe('imported');
+      expect(imported.publicKey!.equals(publicKey.export({ type: 'spki', format: 'der' }))).toBe(true);
+      expect(nodeVerify('sha256', data, publicKey, await imported.sign(data))).toBe(true);
+      const e = await envB.importWrapped(blob, { label: 'stolen', usages: ['sign'] }).then(() => undefined, (err: unknown) => err);
+      expect(e).toBeInstanceOf(SealError);
+      expect((e as SealError).backendCode).toMatch(/^TPM_RC_/);
+      expect((await envB.listKeys({ label: 'stolen' })).length).toBe(0);
+    } finally {
+      await envA.close();
+      await envB.close();
+    }
+  });
+
+  it('parameter encryption can be turned off; both modes sign, decrypt and unseal', async () => {
+    for (const pe of ['on', 'off']) {
+      const env = (await openEnvironment(`${a.tpm.uri(join(work, `keys-pe-${pe}`))}&param-encryption=${pe}`)) as Tpm2Environment;
+      try {
+        expect(env.conn.paramEncryption).toBe(pe === 'on');
+        const rsa = await env.generateKey({ label: 'rsa', algorithm: { name: 'RSA', modulusLength: 2048 }, usages: ['decrypt', 'encrypt'] });
+        const secret = randomBytes(32);
+        const { ciphertext } = await rsa.encrypt(secret);
+        expect((await rsa.decrypt(ciphertext)).equals(secret)).toBe(true);
+        await env.writeData('sealed', secret);
+        expect((await env.readData('sealed')).equals(secret)).toBe(true);
+      } finally {
+        await env.close();
+      }
+    }
+  });
+});
