@@ -18,6 +18,6 @@ export type { KeyAlgorithm, KeyAlgorithmInput, KeyUsage, KeyKind, HashName, Name
 export type * from './core/types.js';
 export { toPem, p1363ToDer, derToP1363 } from './core/encoding.js';
 export { createCsr } from './functions/csr.js';
-export { wrapForTpm, verifyQuote, verifyCertify } from './backends/tpm2/server.js';
+export { wrapForTpm, verifyQuote, verifyCertify, tpmDerivedHmacKey, kdfa } from './backends/tpm2/server.js';
 export type { Tpm2Environment, Tpm2KeyOptions, WrappedTpmKey } from './backends/tpm2/environment.js';
 export type { Tpm2Key } from './backends/tpm2/key.js';

@@ -115,7 +115,13 @@ export type DeriveParams =
   /** RFC 5869 HKDF inside the module (CKM_HKDF_DERIVE). */
   | { kdf: 'HKDF'; hash: HashName; salt?: Buffer; info?: Buffer }
   /** NIST SP 800-108 counter mode with HMAC (TPM 2.0 KDFa layout). */
-  | { kdf: 'SP800-108-COUNTER'; hash: HashName; label?: Buffer; context?: Buffer };
+  | { kdf: 'SP800-108-COUNTER'; hash: HashName; label?: Buffer; context?: Buffer }
+  /**
+   * TPM 2.0 derived object (TPM2_CreateLoaded under a derivation parent): the TPM derives the new
+   * key from the parent's seed, `label` and `context` (each at most 32 bytes) with its KDF; the
+   * same inputs always give the same key, which never exists outside the TPM.
+   */
+  | { kdf: 'TPM-DERIVED-OBJECT'; label: Buffer; context: Buffer };
 
 export interface UnwrapSpec extends DerivedKeySpec {
   /** AES-KW (RFC 3394), AES-KWP (RFC 5649) or RSA-OAEP (SHA-1 on SoftHSM2). */

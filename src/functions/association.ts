@@ -6,8 +6,41 @@
  *
  *   message = seq (8 bytes BE) ‖ iv (12) ‖ ciphertext‖tag;  AAD = "seal-sa/1" ‖ saId ‖ direction ‖ seq
  */
+import { createCipheriv, createDecipheriv, randomBytes } from 'node:crypto';
 import { SealError } from '../core/errors.js';
-import type { KeyHandle } from '../core/types.js';
+import type { EncryptOptions, EncryptResult, KeyHandle } from '../core/types.js';
+
+/** What an association needs of its key: AES-GCM encrypt/decrypt (a KeyHandle inside a module, or a host key). */
+export type AeadKey = Pick<KeyHandle, 'encrypt' | 'decrypt'>;
+
+/**
+ * An AES-256-GCM key held in host memory, for environments whose key agreement hands the shared
+ * secret to the host (TPM2_ECDH_ZGen, PIV, IoT SAFE): the association then protects messages on
+ * the host, and says so. The key bytes are copied in and never handed out again.
+ */
+export function hostAeadKey(key: Buffer): AeadKey {
+  if (key.length !== 32) throw new SealError('INVALID_ARGUMENT', 'a host association key is 32 bytes');
+  const k = Buffer.from(key);
+  return {
+    async encrypt(data: Buffer, options: EncryptOptions = {}): Promise<EncryptResult> {
+      const iv = options.iv ?? randomBytes(12);
+      const c = createCipheriv('aes-256-gcm', k, iv);
+      if (options.additionalData) c.setAAD(options.additionalData);
+      return { ciphertext: Buffer.concat([c.update(data), c.final(), c.getAuthTag()]), iv };
+    },
+    async decrypt(data: Buffer, options: EncryptOptions = {}): Promise<Buffer> {
+      if (!options.iv || data.length < 16) throw new SealError('DECRYPTION_FAILED', 'decryption failed');
+      try {
+        const d = createDecipheriv('aes-256-gcm', k, options.iv);
+        if (options.additionalData) d.setAAD(options.additionalData);
+        d.setAuthTag(data.subarray(data.length - 16));
+        return Buffer.concat([d.update(data.subarray(0, data.length - 16)), d.final()]);
+      } catch {
+        throw new SealError('DECRYPTION_FAILED', 'decryption failed');
+      }
+    },
+  };
+}
 
 export type Direction = 'initiator' | 'responder';
 
@@ -52,13 +85,13 @@ export class ReplayWindow {
 }
 
 export class SecurityAssociation {
-  readonly #key: KeyHandle;
+  readonly #key: AeadKey;
   readonly #saId: Buffer;
   readonly #me: Direction;
   #sendSeq = 0n;
   readonly #window = new ReplayWindow();
 
-  constructor(key: KeyHandle, saId: Buffer, me: Direction) {
+  constructor(key: AeadKey, saId: Buffer, me: Direction) {
     this.#key = key;
     this.#saId = Buffer.from(saId);
     this.#me = me;

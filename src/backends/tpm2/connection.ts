@@ -71,6 +71,8 @@ export interface Loadable {
   readonly private: Buffer;
   /** Auth value to set on the loaded handle (empty when none). */
   auth(): Buffer;
+  /** A derived object: re-created (deterministically) by TPM2_CreateLoaded under its derivation parent. */
+  readonly derivation?: { parent: Loadable; template: Buffer } | undefined;
 }
 
 export class TpmConnection {
@@ -279,14 +281,18 @@ export class TpmConnection {
       this.#loaded.set(obj.cacheKey, cached);
       return cached;
     }
-    while (this.#loaded.size >= this.#o.maxLoaded) {
-      const [oldestKey, oldest] = this.#loaded.entries().next().value as [string, number];
-      this.#loaded.delete(oldestKey);
-      await ctx.flushContext(oldest).catch(() => undefined);
+    let handle: number;
+    if (obj.derivation) {
+      const parent = await this.loaded(ctx, obj.derivation.parent);
+      await this.#makeRoom(ctx, obj.derivation.parent.cacheKey);
+      const session = await this.authSession(ctx, true, false);
+      handle = (await ctx.createLoaded(parent, [session], encodeSensitiveCreate(), obj.derivation.template)).handle;
+    } else {
+      await this.#makeRoom(ctx);
+      const srk = await this.srk(ctx);
+      const session = await this.authSession(ctx, true, false);
+      handle = (await ctx.load(srk, [session], obj.private, obj.public)).handle;
     }
-    const srk = await this.srk(ctx);
-    const session = await this.authSession(ctx, true, false);
-    const { handle } = await ctx.load(srk, [session], obj.private, obj.public);
     const auth = obj.auth();
     if (auth.length > 0) {
       await ctx.trSetAuth(handle, auth);
@@ -294,6 +300,17 @@ export class TpmConnection {
     }
     this.#loaded.set(obj.cacheKey, handle);
     return handle;
+  }
+
+  /** Flushes least recently used objects (other than `keep`) until one more fits. */
+  async #makeRoom(ctx: EsysContext, keep?: string): Promise<void> {
+    while (this.#loaded.size >= this.#o.maxLoaded) {
+      const victim = [...this.#loaded.keys()].find((k) => k !== keep);
+      if (victim === undefined) return;
+      const h = this.#loaded.get(victim)!;
+      this.#loaded.delete(victim);
+      await ctx.flushContext(h).catch(() => undefined);
+    }
   }
 
   /** Flushes one object from the cache (after destroy). */

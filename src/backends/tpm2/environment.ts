@@ -13,6 +13,8 @@ import { SealUri } from '../../core/uri.js';
 import type {
   Capability,
   DataObjectInfo,
+  DeriveParams,
+  DerivedKeySpec,
   EnvironmentInfo,
   ExtractionAttempt,
   GenerateKeySpec,
@@ -33,6 +35,7 @@ import {
   OBJ,
   decodeDigestList,
   decodePublic,
+  encodeDerivedTemplate,
   encodePcrSelection,
   encodePublic,
   encodeScheme,
@@ -63,6 +66,22 @@ export const TPM2_CAPABILITIES: readonly Capability[] = [
   { algorithm: 'HMAC SHA-256', operation: 'generate', variant: 'keyed hash', result: 'key-inside', mechanism: 'TPM2_Create (keyedHash, HMAC)' },
   { algorithm: 'HMAC SHA-256', operation: 'sign', variant: 'HMAC-SHA-256', result: 'output', mechanism: 'TPM2_HMAC' },
   { algorithm: 'HMAC SHA-256', operation: 'verify', variant: 'HMAC-SHA-256', result: 'output', mechanism: 'TPM2_HMAC' },
+  ...['ECDSA P-256', 'ECDSA P-384', 'RSA-2048', 'HMAC SHA-256'].map((algorithm): Capability => ({
+    algorithm,
+    operation: 'unwrap',
+    variant: 'TPM2_Import of a duplication blob made for this SRK (wrapForTpm)',
+    result: 'key-inside',
+    mechanism: 'TPM2_Import',
+    note: algorithm === 'HMAC SHA-256' ? 'as a derivation parent whose secret the provisioning server keeps' : undefined,
+  })),
+  {
+    algorithm: 'HMAC SHA-256',
+    operation: 'derive',
+    variant: 'TPM-DERIVED-OBJECT (label, context) into HMAC or ECC keys',
+    result: 'key-inside',
+    mechanism: 'TPM2_CreateLoaded under a derivation parent',
+    note: 'an HMAC key created with the single usage deriveKey is a derivation parent',
+  },
 ];
 
 export interface Tpm2EnvironmentParams {
@@ -103,23 +122,74 @@ export class Tpm2Environment implements SecureEnvironment {
     if (this.#closed) throw new SealError('CLOSED', 'the TPM environment is closed');
   }
 
-  #handle(meta: StoredObject): Tpm2Key {
-    const blobs = this.store.blobs(meta.id);
+  #handle(meta: StoredObject, blobs = this.store.blobs(meta.id), persistent = true): Tpm2Key {
     const pub = decodePublic(blobs.public).area;
     const spki = meta.algorithm ? spkiOf(meta.algorithm, pub) : undefined;
     const authSource = meta.authSource;
-    return new Tpm2Key({
+    let derivation: { parent: Loadable; template: Buffer } | undefined;
+    if (meta.derivation) {
+      const parentMeta = this.store.list().find((o) => o.id === meta.derivation!.parentId);
+      if (!parentMeta) throw new SealError('KEY_NOT_FOUND', `the derivation parent of '${meta.label}' is missing from the key store`);
+      derivation = { parent: this.#handle(parentMeta), template: Buffer.from(meta.derivation.template, 'hex') };
+    }
+    const key: Tpm2Key = new Tpm2Key({
       conn: this.conn,
       meta,
       ...blobs,
       spki,
+      derivation,
       uri: this.#p.baseUri.withPath({ object: meta.label, id: Buffer.from(meta.id, 'hex'), type: meta.kind === 'secret' ? 'secret' : 'private' }).toString(),
       auth: () => (authSource ? Buffer.from(resolveSecretSource(parseSecretSource(authSource)), 'utf8') : Buffer.alloc(0)),
+      derive: (params, target) => this.#derive(key, params, target),
       onDestroy: async () => {
         await this.conn.run('flush', (ctx) => this.conn.evict(ctx, meta.id));
-        this.store.remove(meta.id);
+        if (persistent) this.store.remove(meta.id);
       },
     });
+    return key;
+  }
+
+  /** TPM2_CreateLoaded under a derivation parent: the new key is derived inside the TPM. */
+  async #derive(parent: Tpm2Key, params: DeriveParams, target: DerivedKeySpec): Promise<Tpm2Key> {
+    if (!parent.meta.derivationParent) throw new SealError('USAGE_NOT_PERMITTED', `key '${parent.label}' is not a derivation parent (create an HMAC key with the single usage deriveKey)`);
+    if (params.kdf !== 'TPM-DERIVED-OBJECT') throw new SealError('NOT_SUPPORTED', `the TPM derives keys as derived objects (kdf 'TPM-DERIVED-OBJECT'), not with ${String(params.kdf).slice(0, 30)}`);
+    if (!Buffer.isBuffer(params.label) || !Buffer.isBuffer(params.context)) throw new SealError('INVALID_ARGUMENT', 'derivation needs label and context buffers');
+    const algorithm = normalizeAlgorithm(target.algorithm);
+    const usages = checkUsages(algorithm, target.usages);
+    if (!(['HMAC', 'ECDSA', 'ECDH'] as const).includes(algorithm.name as 'HMAC') || (algorithm.name === 'HMAC' && usages.includes('deriveKey'))) {
+      throw new SealError('NOT_SUPPORTED', 'the TPM derives HMAC (sign/verify), ECDSA and ECDH keys');
+    }
+    if (target.label !== undefined) checkLabel(target.label);
+    // derived objects take their key bits from the parent's KDF: no sensitiveDataOrigin
+    const area = keyTemplate(algorithm, usages, true);
+    area.attributes &= ~OBJ.sensitiveDataOrigin;
+    // fixedTPM only under a fixedTPM parent (an imported derivation parent is not)
+    if ((decodePublic(parent.public).area.attributes & OBJ.fixedTPM) === 0) area.attributes &= ~OBJ.fixedTPM;
+    const template = encodeDerivedTemplate(area, params.label, params.context);
+    const out = await this.conn.run('TPM2_CreateLoaded (derived object)', async (ctx) => {
+      const p = await this.conn.loaded(ctx, parent);
+      const r = await ctx.createLoaded(p, [await this.conn.authSession(ctx, true, false)], encodeSensitiveCreate(), template);
+      await ctx.flushContext(r.handle);
+      return r;
+    }, false);
+    const meta: StoredObject = {
+      version: 1,
+      id: this.store.newId(),
+      label: target.label ?? `derived-${randomBytes(6).toString('hex')}`,
+      kind: algorithm.name === 'HMAC' ? 'secret' : 'private',
+      algorithm,
+      usages,
+      origin: 'derived-inside',
+      created: new Date().toISOString(),
+      parent: 0,
+      derivation: { parentId: parent.meta.id, template: template.toString('hex') },
+    };
+    const blobs = { public: out.public, private: out.private };
+    if (target.label !== undefined) {
+      this.store.save(meta, blobs);
+      return this.#handle(meta);
+    }
+    return this.#handle(meta, blobs, false);
   }
 
   async generateKey(spec: GenerateKeySpec & { tpm?: Tpm2KeyOptions }): Promise<Tpm2Key> {
@@ -138,6 +208,7 @@ export class Tpm2Environment implements SecureEnvironment {
     const authValue = options.authSource ? Buffer.from(resolveSecretSource(parseSecretSource(options.authSource)), 'utf8') : Buffer.alloc(0);
     const policy = options.pcrs?.length ? await this.#pcrPolicy(options.pcrs) : undefined;
     const template = keyTemplate(algorithm, usages, authValue.length === 0, policy?.digest);
+    const derivationParent = algorithm.name === 'HMAC' && usages.includes('deriveKey');
     const blobs = await this.conn.run('TPM2_Create', async (ctx) => {
       const srk = await this.conn.srk(ctx);
       const s = await this.conn.authSession(ctx, true, false);
@@ -156,6 +227,7 @@ export class Tpm2Environment implements SecureEnvironment {
       parent: this.conn.srkIsPersistent ? SRK_PERSISTENT_HANDLE : OWNER_PARENT,
       ...(policy ? { pcrPolicy: { hash: 'SHA-256' as const, pcrs: [...options.pcrs!], digest: policy.digest.toString('hex') } } : {}),
       ...(options.authSource ? { authSource: options.authSource } : {}),
+      ...(derivationParent ? { derivationParent } : {}),
     };
     this.store.save(meta, blobs);
     return this.#handle(meta);
@@ -204,6 +276,7 @@ export class Tpm2Environment implements SecureEnvironment {
       origin: 'imported',
       created: new Date().toISOString(),
       parent: this.conn.srkIsPersistent ? SRK_PERSISTENT_HANDLE : OWNER_PARENT,
+      ...(pub.type === 'keyedhash' && pub.scheme.alg === ALG.XOR ? { derivationParent: true } : {}),
     };
     this.store.save(meta, { public: blob.public, private: priv });
     return this.#handle(meta);
@@ -450,21 +523,33 @@ export class Tpm2Environment implements SecureEnvironment {
     }, false);
   }
 
+  /**
+   * The TPM's routes out for a key, each checked against what the TPM enforces: TPM2_Duplicate
+   * needs fixedParent CLEAR and a DUP-role policy matching the key's authPolicy (an empty policy
+   * can never be satisfied); the private blob in the key store is encrypted under this TPM's
+   * storage key; no TPM command returns a TPMT_SENSITIVE in clear.
+   */
   async probeExtraction(key: KeyHandle): Promise<ExtractionAttempt[]> {
     const k = key instanceof Tpm2Key ? key : await this.getKey(key.uri);
     const pub = decodePublic(k.public).area;
-    const attempts: ExtractionAttempt[] = [];
-    attempts.push({ route: 'fixedTPM attribute (no duplication to another TPM)', refused: (pub.attributes & OBJ.fixedTPM) !== 0, backendCode: 'TPMA_OBJECT_FIXEDTPM' });
-    attempts.push({ route: 'fixedParent attribute (no re-parenting)', refused: (pub.attributes & OBJ.fixedParent) !== 0, backendCode: 'TPMA_OBJECT_FIXEDPARENT' });
-    // TPM2_Duplicate needs an ADMIN-role policy session; fixedParent objects are refused regardless
+    const fixedParent = (pub.attributes & OBJ.fixedParent) !== 0;
+    const noPolicy = pub.authPolicy.length === 0;
+    const attempts: ExtractionAttempt[] = [
+      {
+        route: 'TPM2_Duplicate to a parent the attacker controls',
+        refused: fixedParent || noPolicy,
+        backendCode: fixedParent ? 'TPMA_OBJECT_FIXEDPARENT (TPM_RC_ATTRIBUTES)' : noPolicy ? 'empty authPolicy: no DUP-role policy can match' : 'DUPLICABLE under its policy',
+      },
+      {
+        route: 'load the key-store blob into another TPM',
+        refused: true,
+        backendCode: 'TPM2B_PRIVATE encrypted under this TPM\'s storage key (TPM_RC_INTEGRITY elsewhere)',
+      },
+    ];
     try {
-      await this.conn.run('TPM2_Duplicate probe', async (ctx) => {
-        const h = await this.conn.loaded(ctx, k);
-        // a duplication attempt by TPM2_ObjectChangeAuth-style reparenting is not exposed; reading
-        // the public area succeeds, the private part never leaves except encrypted by the parent
-        await ctx.readPublic(h);
-      });
-      attempts.push({ route: 'TPM2_ReadPublic (public area only: no private part in any TPM answer)', refused: true, backendCode: 'no command returns TPMT_SENSITIVE' });
+      // the key is usable here, yet no TPM answer carries its private part
+      await this.conn.run('TPM2_ReadPublic', async (ctx) => ctx.readPublic(await this.conn.loaded(ctx, k)));
+      attempts.push({ route: 'TPM2_ReadPublic / any TPM response', refused: true, backendCode: 'no command returns TPMT_SENSITIVE' });
     } catch (e) {
       attempts.push({ route: 'TPM2_ReadPublic', refused: true, backendCode: tpmError(e, 'probe').backendCode ?? 'error' });
     }
@@ -530,6 +615,11 @@ export function keyTemplate(a: KeyAlgorithm, usages: readonly KeyUsage[], noAuth
       return { type: 'rsa', nameAlg: ALG.SHA256, attributes: attrs, authPolicy, symmetric: { alg: ALG.NULL }, scheme: { alg: ALG.NULL }, keyBits: a.modulusLength, exponent: 0, modulus: Buffer.alloc(0) };
     }
     case 'HMAC':
+      if (has('deriveKey')) {
+        if (has('sign') || has('verify')) throw new SealError('NOT_SUPPORTED', 'a TPM derivation parent cannot also sign: create two keys');
+        // derivation parent (TPM 2.0 Part 1, derived objects): restricted|decrypt keyedHash, KDF1_SP800_108
+        return { type: 'keyedhash', nameAlg: ALG.SHA256, attributes: base | OBJ.restricted | OBJ.decrypt, authPolicy, scheme: { alg: ALG.XOR, hash: ALG.SHA256, kdf: ALG.KDF1_SP800_108 }, unique: Buffer.alloc(0) };
+      }
       return { type: 'keyedhash', nameAlg: ALG.SHA256, attributes: base | (has('sign') || has('verify') ? OBJ.sign : 0), authPolicy, scheme: { alg: ALG.HMAC, hash: HASH_ALG[a.hash] }, unique: Buffer.alloc(0) };
     default:
       throw new SealError('NOT_SUPPORTED', `the TPM backend does not generate ${a.name} keys`);
@@ -543,7 +633,7 @@ function algorithmOf(p: PublicArea): KeyAlgorithm {
     return (p.attributes & OBJ.sign) !== 0 ? { name: 'ECDSA', namedCurve: curve } : { name: 'ECDH', namedCurve: curve };
   }
   if (p.type === 'rsa' && p.keyBits === 2048) return { name: 'RSA', modulusLength: 2048 };
-  if (p.type === 'keyedhash' && p.scheme.alg === ALG.HMAC) return { name: 'HMAC', hash: 'SHA-256' };
+  if (p.type === 'keyedhash' && (p.scheme.alg === ALG.HMAC || p.scheme.alg === ALG.XOR)) return { name: 'HMAC', hash: 'SHA-256' };
   throw new SealError('NOT_SUPPORTED', 'unsupported key type in the wrapped blob');
 }
 

@@ -34,6 +34,9 @@ export interface Tpm2KeyParams {
   uri: string;
   /** Auth value of the key, read from its secret source when needed. */
   auth: () => Buffer;
+  /** Set for derived objects: re-created under their derivation parent instead of loaded. */
+  derivation: { parent: Loadable; template: Buffer } | undefined;
+  derive: (params: DeriveParams, target: DerivedKeySpec) => Promise<Tpm2Key>;
   onDestroy: () => Promise<void>;
 }
 
@@ -56,6 +59,9 @@ export class Tpm2Key implements KeyHandle, Loadable {
   }
   auth(): Buffer {
     return this.#p.auth();
+  }
+  get derivation(): { parent: Loadable; template: Buffer } | undefined {
+    return this.#p.derivation;
   }
   get meta(): StoredObject {
     return this.#p.meta;
@@ -212,8 +218,10 @@ export class Tpm2Key implements KeyHandle, Loadable {
     return r.x;
   }
 
-  async deriveKey(_params: DeriveParams, _target: DerivedKeySpec): Promise<KeyHandle> {
-    throw new SealError('NOT_SUPPORTED', 'derivation into a key inside the TPM (derived objects) is not offered yet');
+  async deriveKey(params: DeriveParams, target: DerivedKeySpec): Promise<KeyHandle> {
+    this.#require('deriveKey');
+    if (this.#destroyed) throw new SealError('KEY_NOT_FOUND', `key '${this.label}' was destroyed`);
+    return this.#p.derive(params, target);
   }
 
   async mac(data: Buffer): Promise<Buffer> {

@@ -32,6 +32,10 @@ export interface StoredObject {
   /** Sealed data: length of the value and its AES-256-GCM envelope (iv ‖ ciphertext ‖ tag, base64). */
   size?: number;
   envelope?: string;
+  /** A derivation parent (keyedHash restricted|decrypt): derives keys inside, signs nothing. */
+  derivationParent?: boolean;
+  /** A derived object: its parent's id and the TPMT_TEMPLATE (hex) that re-creates it. */
+  derivation?: { parentId: string; template: string };
   /** Parent handle recorded in the key file. */
   parent: number;
 }

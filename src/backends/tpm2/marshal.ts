@@ -229,6 +229,17 @@ export function encodePublicArea(p: PublicArea): Buffer {
   return w.out();
 }
 
+/**
+ * The TPMT_TEMPLATE of a derived object: the public area with its `unique` field replaced by
+ * TPMS_DERIVE { label, context } (TPM 2.0 Part 2, TPMU_PUBLIC_ID with derivation).
+ */
+export function encodeDerivedTemplate(p: PublicArea, label: Buffer, context: Buffer): Buffer {
+  if (label.length > 32 || context.length > 32) throw new SealError('INVALID_ARGUMENT', 'derivation label and context are at most 32 bytes each');
+  const empty = encodePublicArea(p.type === 'ecc' ? { ...p, x: Buffer.alloc(0), y: Buffer.alloc(0) } : p.type === 'rsa' ? { ...p, modulus: Buffer.alloc(0) } : { ...p, unique: Buffer.alloc(0) });
+  const uniqueLength = p.type === 'ecc' ? 4 : 2;
+  return Buffer.concat([empty.subarray(0, empty.length - uniqueLength), new Writer().tpm2b(label).tpm2b(context).out()]);
+}
+
 /** TPM2B_PUBLIC wire bytes (size-prefixed TPMT_PUBLIC). */
 export function encodePublic(p: PublicArea): Buffer {
   return new Writer().tpm2b(encodePublicArea(p)).out();

@@ -10,7 +10,7 @@
  *   dupSensitive = AES-128-CFB(symKey, iv 0, TPM2B(TPMT_SENSITIVE))
  *   duplicate = TPM2B( TPM2B(HMAC(hmacKey, dupSensitive ‖ name)) ‖ dupSensitive )
  */
-import { createCipheriv, createECDH, createHash, createHmac, createPublicKey, verify as nodeVerify, type KeyObject } from 'node:crypto';
+import { createCipheriv, createECDH, createHash, createHmac, createPublicKey, randomBytes, verify as nodeVerify, type KeyObject } from 'node:crypto';
 import { SealError } from '../../core/errors.js';
 import { p1363ToDer } from '../../core/encoding.js';
 import {
@@ -69,17 +69,33 @@ export function kdfe(hash: string, z: Buffer, label: string, partyU: Buffer, par
  * key public area is `srkPublic` (TPM2B_PUBLIC, from `storageKeyPublic()` on the device). Only that
  * TPM can import the result; the imported key is not duplicable again (no policy).
  */
-export function wrapForTpm(srkPublic: Buffer, privateKey: KeyObject, usage: 'sign' | 'decrypt' = 'sign'): WrappedTpmKey {
+export function wrapForTpm(srkPublic: Buffer, privateKey: KeyObject | { derivationSeed: Buffer }, usage: 'sign' | 'decrypt' = 'sign'): WrappedTpmKey {
   const srk = decodePublic(srkPublic).area;
   if (srk.type !== 'ecc' || srk.curve !== CURVE['P-256'] || (srk.attributes & (OBJ.restricted | OBJ.decrypt)) !== (OBJ.restricted | OBJ.decrypt)) {
     throw new SealError('NOT_SUPPORTED', 'wrapForTpm needs an ECC P-256 storage key');
   }
-  const jwk = privateKey.export({ format: 'jwk' });
+  const jwk = 'derivationSeed' in privateKey ? {} : privateKey.export({ format: 'jwk' });
   const d = (s: string | undefined): Buffer => Buffer.from(s ?? '', 'base64url');
   const attrs = OBJ.userWithAuth | OBJ.noDA | (usage === 'sign' ? OBJ.sign : OBJ.decrypt);
   let area: PublicArea;
   let sensitive: Buffer;
-  if (jwk.kty === 'EC' && (jwk.crv === 'P-256' || jwk.crv === 'P-384')) {
+  if ('derivationSeed' in privateKey) {
+    // a derivation parent whose secret the server keeps: it can compute every key the TPM derives
+    // from it. The TPM derives from the parent's sensitive data (TPM2B_SENSITIVE_DATA), so the
+    // secret goes there; seedValue is a fresh obfuscation value and unique = HMAC(seedValue, data).
+    const secret = privateKey.derivationSeed;
+    if (secret.length !== 32) throw new SealError('INVALID_ARGUMENT', 'a derivation secret is 32 bytes');
+    const obfuscation = randomBytes(32);
+    area = {
+      type: 'keyedhash',
+      nameAlg: ALG.SHA256,
+      attributes: OBJ.userWithAuth | OBJ.noDA | OBJ.restricted | OBJ.decrypt,
+      authPolicy: Buffer.alloc(0),
+      scheme: { alg: ALG.XOR, hash: ALG.SHA256, kdf: ALG.KDF1_SP800_108 },
+      unique: createHmac('sha256', obfuscation).update(secret).digest(),
+    };
+    sensitive = new Writer().u16(ALG.KEYEDHASH).tpm2b().tpm2b(obfuscation).tpm2b(secret).out();
+  } else if (jwk.kty === 'EC' && (jwk.crv === 'P-256' || jwk.crv === 'P-384')) {
     area = { type: 'ecc', nameAlg: ALG.SHA256, attributes: attrs, authPolicy: Buffer.alloc(0), symmetric: { alg: ALG.NULL }, scheme: { alg: ALG.NULL }, curve: CURVE[jwk.crv], kdf: { alg: ALG.NULL }, x: d(jwk.x), y: d(jwk.y) };
     sensitive = new Writer().u16(ALG.ECC).tpm2b().tpm2b().tpm2b(d(jwk.d)).out();
   } else if (jwk.kty === 'RSA' && d(jwk.n).length === 256) {
@@ -110,6 +126,24 @@ export function wrapForTpm(srkPublic: Buffer, privateKey: KeyObject, usage: 'sig
   const seedPoint = new Writer().tpm2b(ephX).tpm2b(ephY).out();
   for (const b of [z, seed, symKey, hmacKey, plain, sensitive]) b.fill(0);
   return { public: pub, duplicate, seed: new Writer().tpm2b(seedPoint).out() };
+}
+
+/** TPM_MAX_DERIVATION_BITS: the KDF limit a TPM's derivation DRBG is instantiated with (libtpms, TCG reference code). */
+const MAX_DERIVATION_BITS = 8192;
+
+/**
+ * The HMAC-SHA-256 key a TPM derives as a derived object (TPM2_CreateLoaded, label, context) under
+ * a derivation parent whose secret is `parentSecret` — what a provisioning server that made the
+ * parent with `wrapForTpm(srk, { derivationSeed })` computes to share the key with the device:
+ * the first block of KDFa(SHA-256, secret, label, context, TPM_MAX_DERIVATION_BITS).
+ */
+export function tpmDerivedHmacKey(parentSecret: Buffer, label: Buffer, context: Buffer): Buffer {
+  const counter = Buffer.alloc(4);
+  counter.writeUInt32BE(1);
+  const bits = Buffer.alloc(4);
+  bits.writeUInt32BE(MAX_DERIVATION_BITS);
+  const l = label.length > 0 && label[label.length - 1] === 0 ? label : Buffer.concat([label, Buffer.from([0])]);
+  return createHmac('sha256', parentSecret).update(counter).update(l).update(context).update(bits).digest();
 }
 
 export interface AttestationResult {
