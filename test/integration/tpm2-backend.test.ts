@@ -252,3 +252,62 @@ describe('TPM 2.0 backend on swtpm', () => {
     }
   });
 });
+
+describe('TPM 2.0 auth values and the dictionary-attack lockout', () => {
+  let tpm: Swtpm;
+  const keystore = join(work, 'keys-da');
+
+  beforeAll(async () => {
+    tpm = await Swtpm.create('tpm-da');
+    await tpm.start();
+    // 3 failures allowed, one forgotten every 10 s; lockout auth empty on a fresh swtpm
+    const r = run('tpm2_dictionarylockout', ['-T', tpm.tcti, '-s', '-n', '3', '-t', '10', '-l', '10']);
+    expect(r.status, r.stderr).toBe(0);
+  });
+
+  afterAll(async () => {
+    delete process.env.SEAL_TEST_KEY_AUTH;
+    await tpm?.stop();
+  });
+
+  const lockoutCounter = (): number => {
+    const r = run('tpm2_getcap', ['-T', tpm.tcti, 'properties-variable']);
+    const m = /TPM2_PT_LOCKOUT_COUNTER:\s*(?:raw:\s*)?(0x[0-9a-fA-F]+|\d+)/.exec(r.stdout);
+    expect(m, r.stdout.slice(0, 400)).not.toBeNull();
+    return Number(m![1]);
+  };
+
+  it('a wrong auth value costs exactly one try and says how many are left; the lockout is PIN_LOCKED with its recovery time', async () => {
+    process.env.SEAL_TEST_KEY_AUTH = 'x7-planted-good-auth';
+    const env = (await openEnvironment(tpm.uri(keystore))) as Tpm2Environment;
+    try {
+      const key = await env.generateKey({ label: 'with-auth', algorithm: { name: 'ECDSA', namedCurve: 'P-256' }, usages: ['sign'], tpm: { authSource: 'env:SEAL_TEST_KEY_AUTH' } });
+      const spki = createPublicKey({ key: key.publicKey!, format: 'der', type: 'spki' });
+      expect(nodeVerify('sha256', data, spki, await key.sign(data))).toBe(true);
+      expect(lockoutCounter()).toBe(0);
+
+      process.env.SEAL_TEST_KEY_AUTH = 'x7-planted-bad-auth';
+      const first = await key.sign(data).then(() => undefined, (e: unknown) => e);
+      expect(first).toBeInstanceOf(SealError);
+      expect((first as SealError).code).toBe('PIN_INCORRECT');
+      expect((first as SealError).triesLeft).toBe(2);
+      expect((first as SealError).message).not.toContain('x7-planted-bad-auth');
+      expect(lockoutCounter()).toBe(1); // one call, one try: nothing retried
+
+      for (const left of [1, 0]) {
+        await expect(key.sign(data)).rejects.toMatchObject({ code: 'PIN_INCORRECT', triesLeft: left });
+      }
+      const locked = await key.sign(data).then(() => undefined, (e: unknown) => e);
+      expect((locked as SealError).code).toBe('PIN_LOCKED');
+      expect((locked as SealError).message).toMatch(/lockout.*about \d+ s/);
+      expect(lockoutCounter()).toBe(3);
+
+      // the owner of lockout auth clears it; the right value works again
+      expect(run('tpm2_dictionarylockout', ['-T', tpm.tcti, '-c']).status).toBe(0);
+      process.env.SEAL_TEST_KEY_AUTH = 'x7-planted-good-auth';
+      expect(nodeVerify('sha256', data, spki, await key.sign(data))).toBe(true);
+    } finally {
+      await env.close();
+    }
+  });
+});

@@ -35,6 +35,8 @@ const SE_POLICY = 0x01;
 const SESSION = { continueSession: 0x01, decrypt: 0x20, encrypt: 0x40 } as const;
 const CAP_TPM_PROPERTIES = 6;
 const CAP_HANDLES = 1;
+/** TPM_PT_PERMANENT-class variable properties of the dictionary-attack logic. */
+const PT_VAR = { LOCKOUT_COUNTER: 0x20e, MAX_AUTH_FAIL: 0x20f, LOCKOUT_INTERVAL: 0x210, LOCKOUT_RECOVERY: 0x211 } as const;
 
 /** The ECC P-256 storage key template of the TCG provisioning guidance, with noDA. */
 export function srkTemplate(): PublicArea {
@@ -69,7 +71,7 @@ export interface Loadable {
   readonly cacheKey: string;
   readonly public: Buffer;
   readonly private: Buffer;
-  /** Auth value to set on the loaded handle (empty when none). */
+  /** Auth value of the object (empty when none), set on its handle before each use. */
   auth(): Buffer;
   /** A derived object: re-created (deterministically) by TPM2_CreateLoaded under its derivation parent. */
   readonly derivation?: { parent: Loadable; template: Buffer } | undefined;
@@ -116,12 +118,36 @@ export class TpmConnection {
             await this.#flushAll();
             continue;
           }
-          throw tpmError(e, what);
+          throw await this.#describe(e, what);
         }
       }
     });
     this.#queue = next.catch(() => undefined);
     return next;
+  }
+
+  /**
+   * Turns a failure into a SealError; a rejected auth value carries the tries left before the
+   * dictionary-attack lockout, a lockout the time until the TPM forgets one failure. Never retries.
+   */
+  async #describe(e: unknown, what: string): Promise<SealError> {
+    const authFail = isTpmCode(e, RC.AUTH_FAIL);
+    const lockout = isTpmCode(e, RC.LOCKOUT);
+    if ((!authFail && !lockout) || !this.#ctx) return tpmError(e, what);
+    try {
+      const vars = decodeProperties((await this.#ctx.getCapability(CAP_TPM_PROPERTIES, PT_VAR.LOCKOUT_COUNTER, 4)).data);
+      const counter = vars.get(PT_VAR.LOCKOUT_COUNTER) ?? 0;
+      const max = vars.get(PT_VAR.MAX_AUTH_FAIL) ?? 0;
+      const interval = vars.get(PT_VAR.LOCKOUT_INTERVAL) ?? 0;
+      if (authFail) {
+        const triesLeft = Math.max(0, max - counter);
+        return tpmError(e, what, { triesLeft, detail: `wrong auth value; ${triesLeft} tries left before the dictionary-attack lockout` });
+      }
+      const wait = interval * Math.max(1, counter - max + 1);
+      return tpmError(e, what, { triesLeft: 0, detail: `dictionary-attack lockout: the TPM forgets one failure every ${interval} s, authorizations work again in about ${wait} s (or after TPM2_DictionaryAttackLockReset with lockout auth)` });
+    } catch {
+      return tpmError(e, what);
+    }
   }
 
   async #context(): Promise<EsysContext> {
@@ -292,11 +318,6 @@ export class TpmConnection {
       const srk = await this.srk(ctx);
       const session = await this.authSession(ctx, true, false);
       handle = (await ctx.load(srk, [session], obj.private, obj.public)).handle;
-    }
-    const auth = obj.auth();
-    if (auth.length > 0) {
-      await ctx.trSetAuth(handle, auth);
-      auth.fill(0);
     }
     this.#loaded.set(obj.cacheKey, handle);
     return handle;

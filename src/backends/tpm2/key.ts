@@ -108,6 +108,15 @@ export class Tpm2Key implements KeyHandle, Loadable {
     const conn = this.#p.conn;
     return conn.run(what, async (ctx) => {
       const handle = await conn.loaded(ctx, this);
+      if (this.#p.meta.authSource !== undefined) {
+        // read from its secret source at each use: a corrected value takes effect at once
+        const auth = this.#p.auth();
+        try {
+          await ctx.trSetAuth(handle, auth);
+        } finally {
+          auth.fill(0);
+        }
+      }
       const policy = this.#p.meta.pcrPolicy;
       if (!policy) return fn(ctx, handle, await conn.authSession(ctx, decrypt, encrypt));
       const sel = encodePcrSelection(ALG.SHA256, policy.pcrs);
