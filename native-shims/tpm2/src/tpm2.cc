@@ -13,6 +13,7 @@
 #include <tss2/tss2_rc.h>
 #include <tss2/tss2_tctildr.h>
 
+#include <chrono>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
@@ -29,6 +30,8 @@
 namespace {
 
 using Bytes = std::vector<uint8_t>;
+
+constexpr std::chrono::microseconds kSpin{300};
 
 struct Out {
   std::map<std::string, Bytes> bytes;
@@ -269,8 +272,22 @@ Context::~Context() {
 
 void Context::Worker() {
   for (;;) {
-    Job *job;
-    {
+    Job *job = nullptr;
+    // A caller that awaits one TPM call at a time sends the next one a few tens of microseconds
+    // after the previous answer: poll briefly before sleeping, which saves a futex wake-up per
+    // call (bounded: at most kSpin of one core after each answer).
+    const auto spinUntil = std::chrono::steady_clock::now() + kSpin;
+    while (job == nullptr && std::chrono::steady_clock::now() < spinUntil) {
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (!queue_.empty()) {
+          job = queue_.front();
+          queue_.pop_front();
+        }
+      }
+      if (job == nullptr) std::this_thread::yield();
+    }
+    if (job == nullptr) {
       std::unique_lock<std::mutex> lock(mu_);
       cv_.wait(lock, [this] { return !queue_.empty(); });
       job = queue_.front();

@@ -83,7 +83,9 @@ export class TpmConnection {
   #srk: number | undefined;
   #srkTransient = false;
   #salted: number | undefined;
+  #saltedFlags = -1;
   readonly #loaded = new Map<string, number>(); // cacheKey → ESYS_TR, in LRU order
+  readonly #pins = new Map<string, number>(); // cacheKey → fast-path calls in flight
   #queue: Promise<unknown> = Promise.resolve();
   #closed = false;
   /** Incremented at each (re)connection. */
@@ -180,6 +182,43 @@ export class TpmConnection {
     const vars = await ctx.getCapability(CAP_TPM_PROPERTIES, 0x200, 64);
     for (const [k, v] of decodeProperties(vars.data)) this.properties.set(k, v);
     return ctx;
+  }
+
+  /**
+   * The fast path for an operation on an object that is already loaded, with a session that needs
+   * no change: the call goes straight to the worker's FIFO without waiting for the operation in
+   * front of it, so concurrent callers keep the TPM busy back to back. The handle is pinned so no
+   * eviction flushes it meanwhile. Undefined when the slow path (`run`) is needed.
+   */
+  tryFast<T>(cacheKey: string, decrypt: boolean, encrypt: boolean, fn: (ctx: EsysContext, handle: number, session: number) => Promise<T>): Promise<T> | undefined {
+    const ctx = this.#ctx;
+    if (this.#closed || !ctx) return undefined;
+    const handle = this.#loaded.get(cacheKey);
+    if (handle === undefined) return undefined;
+    let session: number = TR.PASSWORD;
+    if (this.#o.paramEncryption) {
+      const flags = SESSION.continueSession | (decrypt ? SESSION.decrypt : 0) | (encrypt ? SESSION.encrypt : 0);
+      if (this.#salted === undefined || flags !== this.#saltedFlags) return undefined;
+      session = this.#salted;
+    }
+    this.#loaded.delete(cacheKey);
+    this.#loaded.set(cacheKey, handle);
+    this.#pins.set(cacheKey, (this.#pins.get(cacheKey) ?? 0) + 1);
+    return fn(ctx, handle, session).finally(() => {
+      const n = (this.#pins.get(cacheKey) ?? 1) - 1;
+      if (n <= 0) this.#pins.delete(cacheKey);
+      else this.#pins.set(cacheKey, n);
+    });
+  }
+
+  /** True when a fast-path failure should be retried on the slow path (which reconnects and reloads). */
+  static retryOnSlowPath(e: unknown): boolean {
+    return isConnectionLost(e) || isTpmCode(e, RC.HANDLE) || isTpmCode(e, RC.REFERENCE_H0) || isTpmCode(e, RC.INITIALIZE) || (e instanceof Error && /closed|not open/.test(e.message) && !(e instanceof SealError));
+  }
+
+  /** The SealError for a fast-path failure (tries left on a wrong auth value, lockout time). */
+  describe(e: unknown, what: string): Promise<SealError> {
+    return this.#describe(e, what);
   }
 
   /** Forgets the connection and every handle (after a restart or a lost TCTI). */
@@ -279,9 +318,13 @@ export class TpmConnection {
     if (this.#salted === undefined) {
       const srk = await this.srk(ctx);
       this.#salted = (await ctx.startAuthSession(srk, TR.NONE, SE_HMAC, encodeSymDef(AES128_CFB), ALG.SHA256)).handle;
+      this.#saltedFlags = -1;
     }
     const flags = SESSION.continueSession | (decrypt ? SESSION.decrypt : 0) | (encrypt ? SESSION.encrypt : 0);
-    await ctx.sessionSetAttributes(this.#salted, flags, 0xff);
+    if (flags !== this.#saltedFlags) {
+      await ctx.sessionSetAttributes(this.#salted, flags, 0xff);
+      this.#saltedFlags = flags;
+    }
     return this.#salted;
   }
 
@@ -326,7 +369,7 @@ export class TpmConnection {
   /** Flushes least recently used objects (other than `keep`) until one more fits. */
   async #makeRoom(ctx: EsysContext, keep?: string): Promise<void> {
     while (this.#loaded.size >= this.#o.maxLoaded) {
-      const victim = [...this.#loaded.keys()].find((k) => k !== keep);
+      const victim = [...this.#loaded.keys()].find((k) => k !== keep && !this.#pins.has(k));
       if (victim === undefined) return;
       const h = this.#loaded.get(victim)!;
       this.#loaded.delete(victim);

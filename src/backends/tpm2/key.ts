@@ -18,7 +18,7 @@ import type {
   SignOptions,
   UnwrapSpec,
 } from '../../core/types.js';
-import type { Loadable, TpmConnection } from './connection.js';
+import { TpmConnection, type Loadable } from './connection.js';
 import type { StoredObject } from './keystore.js';
 import { ALG, COORDINATE, HASH_ALG, decodeSignature, encodeEccPoint, encodePcrSelection, encodeScheme } from './marshal.js';
 import { TR } from './native.js';
@@ -106,6 +106,17 @@ export class Tpm2Key implements KeyHandle, Loadable {
   async #withKey<T>(what: string, decrypt: boolean, encrypt: boolean, fn: (ctx: import('./native.js').EsysContext, handle: number, session: number) => Promise<T>, idempotent = true): Promise<T> {
     if (this.#destroyed) throw new SealError('KEY_NOT_FOUND', `key '${this.label}' was destroyed`);
     const conn = this.#p.conn;
+    if (idempotent && this.#p.meta.authSource === undefined && !this.#p.meta.pcrPolicy) {
+      const fast = conn.tryFast(this.cacheKey, decrypt, encrypt, fn);
+      if (fast) {
+        try {
+          return await fast;
+        } catch (e) {
+          if (!TpmConnection.retryOnSlowPath(e)) throw await conn.describe(e, what);
+          // stale handle or lost connection: the slow path reconnects, reloads and repeats once
+        }
+      }
+    }
     return conn.run(what, async (ctx) => {
       const handle = await conn.loaded(ctx, this);
       if (this.#p.meta.authSource !== undefined) {
