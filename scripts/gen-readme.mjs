@@ -1,11 +1,15 @@
 // Regenerates the generated blocks of README.md from the code's own data (run after `npm run build`):
-//   <!-- generated:pkcs11-capabilities --> … <!-- /generated -->
+//   <!-- generated:pkcs11-capabilities --> … <!-- /generated -->, and the same for tpm2-capabilities
 import { readFileSync, writeFileSync } from 'node:fs';
 import { capabilityMarkdown } from '../dist/core/capability-table.js';
 import { PKCS11_MECHANISM_ROWS } from '../dist/backends/pkcs11/mechanisms.js';
+import { TPM2_CAPABILITIES } from '../dist/backends/tpm2/environment.js';
 
 export function generatedBlocks() {
-  return { 'pkcs11-capabilities': capabilityMarkdown(PKCS11_MECHANISM_ROWS) };
+  return {
+    'pkcs11-capabilities': capabilityMarkdown(PKCS11_MECHANISM_ROWS),
+    'tpm2-capabilities': capabilityMarkdown(TPM2_CAPABILITIES),
+  };
 }
 
 export function render(readme) {

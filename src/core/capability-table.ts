@@ -10,10 +10,13 @@ const RESULT: Record<Capability['result'], string> = {
   'secret-leaves': '**secret leaves the module**',
 };
 
+/** A table cell: a `|` inside it would end the cell. */
+const cell = (s: string): string => s.replace(/\|/g, '\\|');
+
 export function capabilityMarkdown(rows: readonly Capability[]): string {
   const lines = ['| algorithm | operation | variant | mechanism | result |', '|---|---|---|---|---|'];
   for (const r of rows) {
-    lines.push(`| ${r.algorithm} | ${r.operation} | ${r.variant} | ${r.mechanism ?? ''}${r.note ? ` (${r.note})` : ''} | ${RESULT[r.result]} |`);
+    lines.push(`| ${cell(r.algorithm)} | ${r.operation} | ${cell(r.variant)} | ${cell(r.mechanism ?? '')}${r.note ? ` (${cell(r.note)})` : ''} | ${RESULT[r.result]} |`);
   }
   return lines.join('\n');
 }

@@ -72,7 +72,7 @@ export const TPM2_CAPABILITIES: readonly Capability[] = [
     variant: 'TPM2_Import of a duplication blob made for this SRK (wrapForTpm)',
     result: 'key-inside',
     mechanism: 'TPM2_Import',
-    note: algorithm === 'HMAC SHA-256' ? 'as a derivation parent whose secret the provisioning server keeps' : undefined,
+    ...(algorithm === 'HMAC SHA-256' ? { note: 'as a derivation parent whose secret the provisioning server keeps' } : {}),
   })),
   {
     algorithm: 'HMAC SHA-256',
