@@ -62,7 +62,6 @@ export class AtLineReader {
     const out: string[] = [];
     for (const p of pieces) {
       if (p.length > MAX_AT_LINE) throw new SealError('DEVICE_ERROR', `the modem sent a line longer than ${MAX_AT_LINE} characters`);
-      // eslint-disable-next-line no-control-regex
       const line = p.replace(/[\x00-\x08\x0b-\x1f\x7f]/g, '').trim();
       if (line.length > 0) out.push(line);
     }

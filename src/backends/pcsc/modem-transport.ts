@@ -227,7 +227,10 @@ class AtModemTransport implements ModemTransport, ChannelHost {
     for (const cmd of ['AT+CGMI', 'AT+CGMM', 'ATI']) {
       const lines = await this.optional(cmd, `identity (${cmd})`);
       const text = lines ? identityText(lines) : '';
-      if (text && !parts.some((p) => p.includes(text))) parts.push(text);
+      if (!text || parts.some((p) => p.includes(text))) continue;
+      // ATI often repeats what +CGMI / +CGMM said: keep the longer text only
+      for (let i = parts.length - 1; i >= 0; i--) if (text.includes(parts[i]!)) parts.splice(i, 1);
+      parts.push(text);
     }
     this.identity = parts.join(' / ');
     // +CSIM is required: without it there is no APDU path at all.
