@@ -112,6 +112,12 @@ program
           for (const c of env.capabilities) byAlg.set(c.algorithm, [...(byAlg.get(c.algorithm) ?? []), `${c.operation}${c.result === 'key-inside' ? '*' : c.result === 'secret-leaves' ? '!' : ''}`]);
           for (const [alg, ops] of byAlg) human += `    ${alg.padEnd(14)} ${[...new Set(ops)].join(' ')}\n`;
           human += '    (* result stays inside the module; ! a secret leaves the module)\n';
+          if (env.check) {
+            const problems = await env.check();
+            (report[report.length - 1] as Record<string, unknown>).problems = problems;
+            human += problems.length === 0 ? '  records: consistent with the module\n' : `  records: ${problems.length} problem(s)\n${problems.map((p) => `    - ${p}\n`).join('')}`;
+            if (problems.length > 0) failed = true;
+          }
         }, uri);
       } catch (e) {
         const err = asSealError(e);

@@ -207,6 +207,13 @@ export interface SecureEnvironment {
    * never returns key bytes — a route that succeeds is reported as `refused: false` only.
    */
   probeExtraction(key: KeyHandle): Promise<ExtractionAttempt[]>;
+  /**
+   * Consistency problems a crash or an outside change can leave between the environment's own
+   * records and the module (e.g. a TPM key file without metadata, a blob the TPM no longer
+   * loads), each with its repair; empty when all is well. Offered by backends that keep records
+   * outside the module (`seal doctor` prints them).
+   */
+  check?(): Promise<string[]>;
   close(): Promise<void>;
 }
 

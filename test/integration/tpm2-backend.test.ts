@@ -6,7 +6,7 @@
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { createPublicKey, generateKeyPairSync, randomBytes, verify as nodeVerify } from 'node:crypto';
-import { mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -229,6 +229,30 @@ describe('TPM 2.0 backend on swtpm', () => {
       expect(e).toBeInstanceOf(SealError);
       expect((e as SealError).backendCode).toMatch(/^TPM_RC_/);
       expect((await envB.listKeys({ label: 'stolen' })).length).toBe(0);
+    } finally {
+      await envA.close();
+      await envB.close();
+    }
+  });
+
+  it('check() (seal doctor) reports what a crash or a foreign key store leaves behind', async () => {
+    const envA = (await openEnvironment(a.tpm.uri(join(work, 'keys-check-a')))) as Tpm2Environment;
+    const envB = (await openEnvironment(b.tpm.uri(join(work, 'keys-check-b')))) as Tpm2Environment;
+    try {
+      const key = await envA.generateKey({ label: 'foreign', algorithm: { name: 'ECDSA', namedCurve: 'P-256' }, usages: ['sign'] });
+      expect(await envA.check()).toEqual([]);
+      // a key file copied into another TPM's key store: present, but that TPM cannot load it
+      for (const ext of ['pem', 'json']) copyFileSync(join(work, 'keys-check-a', `${key.id}.${ext}`), join(work, 'keys-check-b', `${key.id}.${ext}`));
+      // what a kill -9 in the middle of a key-store write can leave
+      writeFileSync(join(work, 'keys-check-b', '00112233.pem'), 'orphan');
+      writeFileSync(join(work, 'keys-check-b', '44556677.json'), '{}');
+      writeFileSync(join(work, 'keys-check-b', `${key.id}.json.1234.tmp`), '');
+      const problems = await envB.check();
+      expect(problems.some((p) => p.startsWith('00112233.pem') && /without metadata/.test(p))).toBe(true);
+      expect(problems.some((p) => p.startsWith('44556677.json') && /without key file/.test(p))).toBe(true);
+      expect(problems.some((p) => /\.tmp: interrupted write/.test(p))).toBe(true);
+      expect(problems.some((p) => p.startsWith(`${key.id}.json`) && /does not load in this TPM \(TPM_RC_/.test(p))).toBe(true);
+      expect(problems).toHaveLength(4);
     } finally {
       await envA.close();
       await envB.close();

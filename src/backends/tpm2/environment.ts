@@ -556,9 +556,22 @@ export class Tpm2Environment implements SecureEnvironment {
     return attempts;
   }
 
-  /** Key-store consistency after crashes (`seal doctor`). */
-  check(): string[] {
-    return this.store.check();
+  /** Key-store consistency after crashes (`seal doctor`): files, and every key loads in this TPM. */
+  async check(): Promise<string[]> {
+    const problems = this.store.check();
+    for (const meta of this.store.list()) {
+      try {
+        const obj: Loadable = meta.kind === 'data' ? { cacheKey: meta.id, ...this.store.blobs(meta.id), auth: () => Buffer.alloc(0) } : this.#handle(meta);
+        await this.conn.run('load check', async (ctx) => {
+          await this.conn.loaded(ctx, obj);
+          await this.conn.evict(ctx, meta.id);
+        });
+      } catch (e) {
+        const code = e instanceof SealError ? (e.backendCode ?? e.code) : 'error';
+        problems.push(`${meta.id}.json ('${meta.label}'): does not load in this TPM (${code}) — made under another TPM or storage key; delete ${meta.id}.json and ${meta.id}.pem`);
+      }
+    }
+    return problems;
   }
 
   async close(): Promise<void> {
