@@ -235,6 +235,27 @@ describe('TPM 2.0 backend on swtpm', () => {
     }
   });
 
+  it('a key kept at a persistent handle is used there (Name checked) and removed from NV on destroy', async () => {
+    const env = (await openEnvironment(a.tpm.uri(join(work, 'keys-persistent')))) as Tpm2Environment;
+    const persistentHandles = (): string[] => run('tpm2_getcap', ['-T', a.tpm.tcti, 'handles-persistent']).stdout.split('\n').filter((l) => l.includes('0x')).map((l) => l.replace(/^- /, '').trim().toLowerCase());
+    try {
+      const key = await env.generateKey({ label: 'persistent', algorithm: { name: 'ECDSA', namedCurve: 'P-256' }, usages: ['sign'], tpm: { persistentHandle: 0x81000010 } });
+      expect(persistentHandles()).toContain('0x81000010');
+      const spki = createPublicKey({ key: key.publicKey!, format: 'der', type: 'spki' });
+      expect(nodeVerify('sha256', data, spki, await key.sign(data))).toBe(true);
+      // tpm2-tools read the same public key at that handle
+      const pub = run('tpm2_readpublic', ['-T', a.tpm.tcti, '-c', '0x81000010', '-f', 'pem', '-o', join(work, 'persistent.pem')]);
+      expect(pub.status, pub.stderr).toBe(0);
+      expect(createPublicKey(readFileSync(join(work, 'persistent.pem'))).export({ type: 'spki', format: 'der' }).equals(key.publicKey!)).toBe(true);
+      await expect(env.generateKey({ label: 'same-handle', algorithm: { name: 'ECDSA', namedCurve: 'P-256' }, usages: ['sign'], tpm: { persistentHandle: 0x81000010 } })).rejects.toMatchObject({ code: 'KEY_EXISTS' });
+      await key.destroy();
+      expect(persistentHandles()).not.toContain('0x81000010');
+    } finally {
+      await env.close();
+    }
+    expect(transientHandles(a.tpm.tcti)).toEqual([]);
+  });
+
   it('check() (seal doctor) reports what a crash or a foreign key store leaves behind', async () => {
     const envA = (await openEnvironment(a.tpm.uri(join(work, 'keys-check-a')))) as Tpm2Environment;
     const envB = (await openEnvironment(b.tpm.uri(join(work, 'keys-check-b')))) as Tpm2Environment;

@@ -73,6 +73,8 @@ export interface Loadable {
   readonly private: Buffer;
   /** Auth value of the object (empty when none), set on its handle before each use. */
   auth(): Buffer;
+  /** A key made persistent at this handle: used there (after checking its Name), never flushed. */
+  readonly persistentHandle?: number | undefined;
   /** A derived object: re-created (deterministically) by TPM2_CreateLoaded under its derivation parent. */
   readonly derivation?: { parent: Loadable; template: Buffer } | undefined;
 }
@@ -86,6 +88,7 @@ export class TpmConnection {
   #saltedFlags = -1;
   readonly #loaded = new Map<string, number>(); // cacheKey → ESYS_TR, in LRU order
   readonly #pins = new Map<string, number>(); // cacheKey → fast-path calls in flight
+  readonly #persistent = new Set<string>(); // cached entries that are persistent handles
   #queue: Promise<unknown> = Promise.resolve();
   #closed = false;
   /** Incremented at each (re)connection. */
@@ -235,8 +238,18 @@ export class TpmConnection {
   async #flushAll(): Promise<void> {
     const ctx = this.#ctx;
     if (!ctx) return;
-    for (const h of this.#loaded.values()) await ctx.flushContext(h).catch(() => undefined);
+    for (const [k, h] of this.#loaded) await this.#release(ctx, k, h);
     this.#loaded.clear();
+  }
+
+  /** Flushes a transient object; a persistent one only loses its ESYS resource (it stays in the TPM). */
+  async #release(ctx: EsysContext, cacheKey: string, handle: number): Promise<void> {
+    if (this.#persistent.has(cacheKey)) {
+      this.#persistent.delete(cacheKey);
+      await ctx.trClose(handle).catch(() => undefined);
+    } else {
+      await ctx.flushContext(handle).catch(() => undefined);
+    }
   }
 
   // ---- storage root key -------------------------------------------------------------------------
@@ -351,7 +364,16 @@ export class TpmConnection {
       return cached;
     }
     let handle: number;
-    if (obj.derivation) {
+    if (obj.persistentHandle !== undefined) {
+      await this.#makeRoom(ctx);
+      handle = (await ctx.trFromTpmPublic(obj.persistentHandle)).handle;
+      const { name } = await ctx.readPublic(handle);
+      if (!name.equals(nameOfPublic(obj.public))) {
+        await ctx.trClose(handle).catch(() => undefined);
+        throw new SealError('DEVICE_ERROR', `the object at persistent handle 0x${obj.persistentHandle.toString(16)} is not this key (its Name differs)`);
+      }
+      this.#persistent.add(obj.cacheKey);
+    } else if (obj.derivation) {
       const parent = await this.loaded(ctx, obj.derivation.parent);
       await this.#makeRoom(ctx, obj.derivation.parent.cacheKey);
       const session = await this.authSession(ctx, true, false);
@@ -366,6 +388,23 @@ export class TpmConnection {
     return handle;
   }
 
+  /** Makes a loaded key persistent at `persistent` (owner authorization); the transient copy is flushed. */
+  async persist(ctx: EsysContext, obj: Loadable, persistent: number): Promise<void> {
+    const transient = await this.loaded(ctx, obj);
+    if (this.#o.ownerAuth?.length) await ctx.trSetAuth(TR.RH_OWNER, this.#o.ownerAuth);
+    const made = await ctx.evictControl(TR.RH_OWNER, transient, [TR.PASSWORD], persistent);
+    await this.evict(ctx, obj.cacheKey);
+    await ctx.trClose(made.handle).catch(() => undefined);
+  }
+
+  /** Removes a persistent key from the TPM's NV (owner authorization). */
+  async unpersist(ctx: EsysContext, cacheKey: string, persistent: number): Promise<void> {
+    await this.evict(ctx, cacheKey);
+    const h = (await ctx.trFromTpmPublic(persistent)).handle;
+    if (this.#o.ownerAuth?.length) await ctx.trSetAuth(TR.RH_OWNER, this.#o.ownerAuth);
+    await ctx.evictControl(TR.RH_OWNER, h, [TR.PASSWORD], persistent);
+  }
+
   /** Flushes least recently used objects (other than `keep`) until one more fits. */
   async #makeRoom(ctx: EsysContext, keep?: string): Promise<void> {
     while (this.#loaded.size >= this.#o.maxLoaded) {
@@ -373,7 +412,7 @@ export class TpmConnection {
       if (victim === undefined) return;
       const h = this.#loaded.get(victim)!;
       this.#loaded.delete(victim);
-      await ctx.flushContext(h).catch(() => undefined);
+      await this.#release(ctx, victim, h);
     }
   }
 
@@ -382,7 +421,7 @@ export class TpmConnection {
     const h = this.#loaded.get(cacheKey);
     if (h === undefined) return;
     this.#loaded.delete(cacheKey);
-    await ctx.flushContext(h).catch(() => undefined);
+    await this.#release(ctx, cacheKey, h);
   }
 
   get loadedCount(): number {

@@ -97,6 +97,8 @@ export interface Tpm2KeyOptions {
   pcrs?: number[];
   /** Secret source (`env:NAME` / `file:PATH`) of the key's auth value. */
   authSource?: string;
+  /** Also keep the key loaded at this persistent handle (0x81000002–0x817FFFFF; owner authorization). */
+  persistentHandle?: number;
 }
 
 export class Tpm2Environment implements SecureEnvironment {
@@ -142,7 +144,8 @@ export class Tpm2Environment implements SecureEnvironment {
       auth: () => (authSource ? Buffer.from(resolveSecretSource(parseSecretSource(authSource)), 'utf8') : Buffer.alloc(0)),
       derive: (params, target) => this.#derive(key, params, target),
       onDestroy: async () => {
-        await this.conn.run('flush', (ctx) => this.conn.evict(ctx, meta.id));
+        const ph = meta.persistentHandle;
+        await this.conn.run('flush', (ctx) => (ph !== undefined ? this.conn.unpersist(ctx, meta.id, ph) : this.conn.evict(ctx, meta.id)), false);
         if (persistent) this.store.remove(meta.id);
       },
     });
@@ -209,12 +212,23 @@ export class Tpm2Environment implements SecureEnvironment {
     const policy = options.pcrs?.length ? await this.#pcrPolicy(options.pcrs) : undefined;
     const template = keyTemplate(algorithm, usages, authValue.length === 0, policy?.digest);
     const derivationParent = algorithm.name === 'HMAC' && usages.includes('deriveKey');
+    const persistent = options.persistentHandle;
+    if (persistent !== undefined) {
+      if (!Number.isInteger(persistent) || persistent <= SRK_PERSISTENT_HANDLE || persistent > 0x817fffff) {
+        throw new SealError('INVALID_ARGUMENT', 'persistentHandle must be in 0x81000002..0x817FFFFF');
+      }
+      if (this.store.list().some((o) => o.persistentHandle === persistent)) throw new SealError('KEY_EXISTS', `persistent handle 0x${persistent.toString(16)} is already used by a key of this store`);
+    }
     const blobs = await this.conn.run('TPM2_Create', async (ctx) => {
       const srk = await this.conn.srk(ctx);
       const s = await this.conn.authSession(ctx, true, false);
       return ctx.create(srk, [s], encodeSensitiveCreate(authValue), encodePublic(template));
     }, false);
     authValue.fill(0);
+    if (persistent !== undefined) {
+      const transient: Loadable = { cacheKey: `persist-${persistent}`, ...blobs, auth: () => Buffer.alloc(0) };
+      await this.conn.run('TPM2_EvictControl', (ctx) => this.conn.persist(ctx, transient, persistent), false);
+    }
     const meta: StoredObject = {
       version: 1,
       id: this.store.newId(),
@@ -228,6 +242,7 @@ export class Tpm2Environment implements SecureEnvironment {
       ...(policy ? { pcrPolicy: { hash: 'SHA-256' as const, pcrs: [...options.pcrs!], digest: policy.digest.toString('hex') } } : {}),
       ...(options.authSource ? { authSource: options.authSource } : {}),
       ...(derivationParent ? { derivationParent } : {}),
+      ...(persistent !== undefined ? { persistentHandle: persistent } : {}),
     };
     this.store.save(meta, blobs);
     return this.#handle(meta);

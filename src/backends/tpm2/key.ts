@@ -63,6 +63,9 @@ export class Tpm2Key implements KeyHandle, Loadable {
   get derivation(): { parent: Loadable; template: Buffer } | undefined {
     return this.#p.derivation;
   }
+  get persistentHandle(): number | undefined {
+    return this.#p.meta.persistentHandle;
+  }
   get meta(): StoredObject {
     return this.#p.meta;
   }

@@ -32,6 +32,8 @@ export interface StoredObject {
   /** Sealed data: length of the value and its AES-256-GCM envelope (iv ‖ ciphertext ‖ tag, base64). */
   size?: number;
   envelope?: string;
+  /** Persistent handle the key is also kept at (TPM2_EvictControl). */
+  persistentHandle?: number;
   /** A derivation parent (keyedHash restricted|decrypt): derives keys inside, signs nothing. */
   derivationParent?: boolean;
   /** A derived object: its parent's id and the TPMT_TEMPLATE (hex) that re-creates it. */
