@@ -175,18 +175,10 @@ export class Tpm2Environment implements SecureEnvironment {
       await ctx.flushContext(r.handle);
       return r;
     }, false);
-    const meta: StoredObject = {
-      version: 1,
-      id: this.store.newId(),
-      label: target.label ?? `derived-${randomBytes(6).toString('hex')}`,
-      kind: algorithm.name === 'HMAC' ? 'secret' : 'private',
-      algorithm,
-      usages,
-      origin: 'derived-inside',
-      created: new Date().toISOString(),
-      parent: 0,
+    const meta = this.#record(target.label ?? `derived-${randomBytes(6).toString('hex')}`, algorithm.name === 'HMAC' ? 'secret' : 'private', 'derived-inside', algorithm, usages, {
+      parent: 0, // re-created under its derivation parent, never loaded from the key file
       derivation: { parentId: parent.meta.id, template: template.toString('hex') },
-    };
+    });
     const blobs = { public: out.public, private: out.private };
     if (target.label !== undefined) {
       this.store.save(meta, blobs);
@@ -229,30 +221,38 @@ export class Tpm2Environment implements SecureEnvironment {
       const transient: Loadable = { cacheKey: `persist-${persistent}`, ...blobs, auth: () => Buffer.alloc(0) };
       await this.conn.run('TPM2_EvictControl', (ctx) => this.conn.persist(ctx, transient, persistent), false);
     }
-    const meta: StoredObject = {
-      version: 1,
-      id: this.store.newId(),
-      label: spec.label,
-      kind: algorithm.name === 'HMAC' ? 'secret' : 'private',
-      algorithm,
-      usages,
-      origin: 'generated-inside',
-      created: new Date().toISOString(),
-      parent: this.conn.srkIsPersistent ? SRK_PERSISTENT_HANDLE : OWNER_PARENT,
-      ...(policy ? { pcrPolicy: { hash: 'SHA-256' as const, pcrs: [...options.pcrs!], digest: policy.digest.toString('hex') } } : {}),
+    const meta = this.#record(spec.label, algorithm.name === 'HMAC' ? 'secret' : 'private', 'generated-inside', algorithm, usages, {
+      ...(policy ? { pcrPolicy: policy.record } : {}),
       ...(options.authSource ? { authSource: options.authSource } : {}),
       ...(derivationParent ? { derivationParent } : {}),
       ...(persistent !== undefined ? { persistentHandle: persistent } : {}),
-    };
+    });
     this.store.save(meta, blobs);
     return this.#handle(meta);
   }
 
+  /** A new key-store record under the SRK; `extra` adds what is particular to the object. */
+  #record(label: string, kind: StoredObject['kind'], origin: StoredObject['origin'], algorithm: KeyAlgorithm | undefined, usages: KeyUsage[], extra: Partial<StoredObject> = {}): StoredObject {
+    return {
+      version: 1,
+      id: this.store.newId(),
+      label,
+      kind,
+      ...(algorithm ? { algorithm } : {}),
+      usages,
+      origin,
+      created: new Date().toISOString(),
+      parent: this.conn.srkIsPersistent ? SRK_PERSISTENT_HANDLE : OWNER_PARENT,
+      ...extra,
+    };
+  }
+
   /** The PolicyPCR digest for the current values of `pcrs` (SHA-256 bank). */
-  async #pcrPolicy(pcrs: number[]): Promise<{ digest: Buffer }> {
+  async #pcrPolicy(pcrs: number[]): Promise<{ digest: Buffer; record: NonNullable<StoredObject['pcrPolicy']> }> {
     const selection = encodePcrSelection(ALG.SHA256, pcrs);
     const values = await this.readPcrs(pcrs);
-    return { digest: pcrPolicyDigest(ALG.SHA256, selection, values) };
+    const digest = pcrPolicyDigest(ALG.SHA256, selection, values);
+    return { digest, record: { hash: 'SHA-256', pcrs: [...pcrs], digest: digest.toString('hex') } };
   }
 
   /** Current SHA-256 PCR values, in index order. */
@@ -281,18 +281,8 @@ export class Tpm2Environment implements SecureEnvironment {
       const s = await this.conn.authSession(ctx, false, false);
       return (await ctx.import(srk, [s], Buffer.alloc(0), blob.public, blob.duplicate, blob.seed, encodeScheme(ALG.NULL))).private;
     }, false);
-    const meta: StoredObject = {
-      version: 1,
-      id: this.store.newId(),
-      label: spec.label,
-      kind: algorithm.name === 'HMAC' ? 'secret' : 'private',
-      algorithm,
-      usages,
-      origin: 'imported',
-      created: new Date().toISOString(),
-      parent: this.conn.srkIsPersistent ? SRK_PERSISTENT_HANDLE : OWNER_PARENT,
-      ...(pub.type === 'keyedhash' && pub.scheme.alg === ALG.XOR ? { derivationParent: true } : {}),
-    };
+    const meta = this.#record(spec.label, algorithm.name === 'HMAC' ? 'secret' : 'private', 'imported', algorithm, usages,
+      pub.type === 'keyedhash' && pub.scheme.alg === ALG.XOR ? { derivationParent: true } : {});
     this.store.save(meta, { public: blob.public, private: priv });
     return this.#handle(meta);
   }
@@ -322,18 +312,7 @@ export class Tpm2Environment implements SecureEnvironment {
       const srk = await this.conn.srk(ctx);
       return ctx.create(srk, [await this.conn.authSession(ctx, true, false)], encodeSensitiveCreate(), encodePublic(template));
     }, false);
-    const meta: StoredObject = {
-      version: 1,
-      id: this.store.newId(),
-      label,
-      kind: 'private',
-      algorithm: { name: 'ECDSA', namedCurve: 'P-256' },
-      usages: ['verify'],
-      origin: 'generated-inside',
-      created: new Date().toISOString(),
-      parent: this.conn.srkIsPersistent ? SRK_PERSISTENT_HANDLE : OWNER_PARENT,
-      attestation: true,
-    };
+    const meta = this.#record(label, 'private', 'generated-inside', { name: 'ECDSA', namedCurve: 'P-256' }, ['verify'], { attestation: true });
     this.store.save(meta, blobs);
     return this.#handle(meta);
   }
@@ -437,19 +416,11 @@ export class Tpm2Environment implements SecureEnvironment {
     }, false);
     dataKey.fill(0);
     if (existing) this.store.remove(existing.id);
-    const meta: StoredObject = {
-      version: 1,
-      id: this.store.newId(),
-      label,
-      kind: 'data',
-      usages: [],
-      origin: 'generated-inside',
-      created: new Date().toISOString(),
-      parent: this.conn.srkIsPersistent ? SRK_PERSISTENT_HANDLE : OWNER_PARENT,
+    const meta = this.#record(label, 'data', 'generated-inside', undefined, [], {
       size: value.length,
       envelope,
-      ...(policy ? { pcrPolicy: { hash: 'SHA-256' as const, pcrs: [...options.pcrs!], digest: policy.digest.toString('hex') } } : {}),
-    };
+      ...(policy ? { pcrPolicy: policy.record } : {}),
+    });
     this.store.save(meta, blobs);
     return { label, size: value.length, uri: this.#dataUri(label) };
   }
