@@ -256,6 +256,30 @@ describe('TPM 2.0 backend on swtpm', () => {
     expect(transientHandles(a.tpm.tcti)).toEqual([]);
   });
 
+  it('exclusive=on flushes what a crashed process left in a TPM without a resource manager', async () => {
+    const keystore = join(work, 'keys-crash');
+    // a process that loads a key and its salted session, then dies without closing
+    const crash = run(process.execPath, ['--import', join(root, 'test', 'integration', 'support', 'ts-loader.mjs'), '--input-type=module', '-e', `
+      const { openEnvironment } = await import(${JSON.stringify(join(root, 'src', 'index.ts'))});
+      const env = await openEnvironment(${JSON.stringify(a.tpm.uri(keystore))});
+      const key = await env.generateKey({ label: 'left-behind', algorithm: { name: 'ECDSA', namedCurve: 'P-256' }, usages: ['sign'] });
+      await key.sign(Buffer.from('x'));
+      process.exit(0);`]);
+    expect(crash.status, crash.stderr).toBe(0);
+    expect(transientHandles(a.tpm.tcti).length).toBeGreaterThan(0);
+    const sessions = (): string[] => run('tpm2_getcap', ['-T', a.tpm.tcti, 'handles-loaded-session']).stdout.split('\n').filter((l) => l.includes('0x'));
+    expect(sessions().length).toBeGreaterThan(0);
+    const env = (await openEnvironment(`${a.tpm.uri(keystore)}&exclusive=on`)) as Tpm2Environment;
+    try {
+      const key = await env.getKey('left-behind');
+      expect(nodeVerify('sha256', data, createPublicKey({ key: key.publicKey!, format: 'der', type: 'spki' }), await key.sign(data))).toBe(true);
+    } finally {
+      await env.close();
+    }
+    expect(transientHandles(a.tpm.tcti)).toEqual([]);
+    expect(sessions()).toEqual([]);
+  });
+
   it('check() (seal doctor) reports what a crash or a foreign key store leaves behind', async () => {
     const envA = (await openEnvironment(a.tpm.uri(join(work, 'keys-check-a')))) as Tpm2Environment;
     const envB = (await openEnvironment(b.tpm.uri(join(work, 'keys-check-b')))) as Tpm2Environment;

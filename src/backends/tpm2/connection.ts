@@ -64,6 +64,11 @@ export interface ConnectionOptions {
   paramEncryption: boolean;
   /** Our objects loaded at once (default 2). */
   maxLoaded: number;
+  /**
+   * This process is the TPM's only user (no resource manager): at each connection, flush the
+   * transient objects and sessions that a crashed run left in the TPM.
+   */
+  exclusive?: boolean;
 }
 
 /** Something the cache can (re)load: its blobs and the parent it belongs under. */
@@ -136,6 +141,11 @@ export class TpmConnection {
    * dictionary-attack lockout, a lockout the time until the TPM forgets one failure. Never retries.
    */
   async #describe(e: unknown, what: string): Promise<SealError> {
+    if (isTpmCode(e, RC.SESSION_MEMORY) || isTpmCode(e, RC.OBJECT_MEMORY)) {
+      return tpmError(e, what, {
+        detail: 'the TPM\'s slots are full, probably with objects or sessions a process left behind without a resource manager: use /dev/tpmrm0 or tabrmd, restart the TPM, or open with exclusive=on when this process is its only user',
+      });
+    }
     const authFail = isTpmCode(e, RC.AUTH_FAIL);
     const lockout = isTpmCode(e, RC.LOCKOUT);
     if ((!authFail && !lockout) || !this.#ctx) return tpmError(e, what);
@@ -178,6 +188,7 @@ export class TpmConnection {
         throw tpmError(e, 'TPM2_Startup');
       }
     }
+    if (this.#o.exclusive) await flushStale(ctx);
     this.#ctx = ctx;
     this.generation++;
     const props = await ctx.getCapability(CAP_TPM_PROPERTIES, 0x100, 128);
@@ -452,4 +463,20 @@ export class TpmConnection {
 /** Names an object from its TPM2B_PUBLIC bytes. */
 export function nameOfPublic(tpm2bPublic: Buffer): Buffer {
   return objectName(decodePublic(tpm2bPublic).bytes);
+}
+
+/** Flushes every transient object and session in the TPM (exclusive use only). */
+async function flushStale(ctx: EsysContext): Promise<void> {
+  const { decodeHandles } = await import('./marshal.js');
+  for (const first of [0x80000000, 0x02000000, 0x03000000]) {
+    const handles = decodeHandles((await ctx.getCapability(CAP_HANDLES, first, 64)).data).filter((h) => h >>> 24 === first >>> 24);
+    for (const h of handles) {
+      try {
+        const tr = (await ctx.trFromTpmPublic(h)).handle;
+        await ctx.flushContext(tr);
+      } catch {
+        // gone meanwhile, or a handle ESYS cannot name: leave it
+      }
+    }
+  }
 }

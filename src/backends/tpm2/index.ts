@@ -6,6 +6,8 @@
  *   max-loaded=<n>                our objects loaded at once (default 2; ≥ 2 for certify)
  *   owner-auth-source=env:…|file:…  owner hierarchy auth, for making the SRK persistent
  *   protection-level=0..3         override the level derived from the TPM's identity (warns)
+ *   exclusive=on                  this process is the TPM's only user (no resource manager): flush
+ *                                 what crashed runs left in the TPM at each connection
  */
 import path from 'node:path';
 import { SealError } from '../../core/errors.js';
@@ -18,7 +20,7 @@ import { TpmConnection } from './connection.js';
 import { KeyStore } from './keystore.js';
 import { Tpm2Environment } from './environment.js';
 
-const KNOWN_QUERY = new Set(['tcti', 'keystore', 'param-encryption', 'max-loaded', 'owner-auth-source', 'protection-level']);
+const KNOWN_QUERY = new Set(['tcti', 'keystore', 'param-encryption', 'max-loaded', 'owner-auth-source', 'protection-level', 'exclusive']);
 const KNOWN_PATH = new Set(['object', 'type', 'id']);
 
 const PT = { MANUFACTURER: 0x105, VENDOR_1: 0x106, VENDOR_2: 0x107, VENDOR_3: 0x108, VENDOR_4: 0x109, FIRMWARE_1: 0x10b, FIRMWARE_2: 0x10c } as const;
@@ -60,7 +62,9 @@ export const backend: Backend = {
     const ownerAuth = ownerSource ? Buffer.from(resolveSecretSource(parseSecretSource(ownerSource)), 'utf8') : undefined;
     const store = new KeyStore(storeDir);
     store.ensure();
-    const conn = new TpmConnection({ tcti, storeDir, paramEncryption: pe === 'on', maxLoaded, ...(ownerAuth ? { ownerAuth } : {}) });
+    const exclusive = uri.query('exclusive') ?? 'off';
+    if (exclusive !== 'on' && exclusive !== 'off') throw new SealError('INVALID_URI', 'exclusive must be on or off');
+    const conn = new TpmConnection({ tcti, storeDir, paramEncryption: pe === 'on', maxLoaded, exclusive: exclusive === 'on', ...(ownerAuth ? { ownerAuth } : {}) });
     try {
       // connect, read the identity and settle the storage key now, so a bad TCTI fails at open
       await conn.run('connect', async (ctx) => conn.srk(ctx));
