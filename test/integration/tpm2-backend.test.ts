@@ -5,13 +5,13 @@
  * after tpm2_pcrextend, keys wrapped for one TPM import there and nowhere else.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { createPublicKey, generateKeyPairSync, randomBytes, verify as nodeVerify } from 'node:crypto';
+import { createHmac, createPublicKey, generateKeyPairSync, randomBytes, verify as nodeVerify } from 'node:crypto';
 import { copyFileSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { openEnvironment, SealError, verifyCertify, verifyQuote, wrapForTpm } from '../../src/index.js';
+import { openEnvironment, SealError, tpmDerivedHmacKey, verifyCertify, verifyQuote, wrapForTpm } from '../../src/index.js';
 import type { Tpm2Environment } from '../../src/index.js';
 import { requireEnv } from '../helpers/env.js';
 
@@ -225,6 +225,18 @@ describe('TPM 2.0 backend on swtpm', () => {
       expect(imported.provenance.origin).toBe('imported');
       expect(imported.publicKey!.equals(publicKey.export({ type: 'spki', format: 'der' }))).toBe(true);
       expect(nodeVerify('sha256', data, publicKey, await imported.sign(data))).toBe(true);
+      // a derivation secret imported the same way: keys derived inside equal what the server computes
+      const secret = randomBytes(32);
+      const parent = await envA.importWrapped(wrapForTpm(srk, { derivationSeed: secret }), { label: 'root', usages: ['deriveKey'] });
+      const label = Buffer.from('connection');
+      const context = randomBytes(16);
+      const derived = await parent.deriveKey({ kdf: 'TPM-DERIVED-OBJECT', label, context }, { algorithm: { name: 'HMAC', hash: 'SHA-256' }, usages: ['sign'] });
+      expect(derived.provenance.origin).toBe('derived-inside');
+      expect((await derived.mac(data)).equals(createHmac('sha256', tpmDerivedHmacKey(secret, label, context)).update(data).digest())).toBe(true);
+      const other = await parent.deriveKey({ kdf: 'TPM-DERIVED-OBJECT', label: Buffer.from('application'), context }, { algorithm: { name: 'HMAC', hash: 'SHA-256' }, usages: ['sign'] });
+      expect((await other.mac(data)).equals(await derived.mac(data))).toBe(false);
+      await expect(parent.sign(data)).rejects.toMatchObject({ code: 'USAGE_NOT_PERMITTED' });
+
       const e = await envB.importWrapped(blob, { label: 'stolen', usages: ['sign'] }).then(() => undefined, (err: unknown) => err);
       expect(e).toBeInstanceOf(SealError);
       expect((e as SealError).backendCode).toMatch(/^TPM_RC_/);
