@@ -1,10 +1,13 @@
 /**
- * The PC/SC implementation of ApduTransport: a card in a reader of the local pcsc-lite daemon
- * (or WinSCard / CryptoTokenKit), reached through the `pcsc-mini` N-API binding.
+ * The PC/SC implementation of ApduTransport: a card in a reader of the local pcsc-lite daemon,
+ * reached through the project's own N-API shim over libpcsclite (native-shims/pcsc,
+ * pcsc-native.ts).
  *
- * - The binding is imported lazily, inside openPcscTransport, so a machine without pcscd or
+ * - The shim is loaded lazily, inside openPcscTransport, so a machine without pcscd or
  *   libpcsclite still loads seal-bridge and its other backends.
- * - Every card call runs on the binding's worker threads; nothing here blocks the event loop.
+ * - Every card call runs on the shim's worker thread; nothing here blocks the event loop.
+ *   Waiting for a card (`waitForCard`) runs on a second PC/SC context, so it never holds up
+ *   the card I/O, and close() cancels it.
  * - `exclusive(fn)` holds a PC/SC transaction (SCardBeginTransaction) on a shared connection,
  *   so other processes (OpenSC, yubico-piv-tool) can use the card between our operations but
  *   never between the commands of one operation. Each `transmit` is such an operation on its
@@ -25,15 +28,12 @@ import {
   statusError,
   withIsoResponseHandling,
 } from './apdu.js';
-
-type PcscMini = typeof import('pcsc-mini');
-type PcscReader = import('pcsc-mini').Reader;
-type PcscCard = import('pcsc-mini').Card;
+import { PNP_NOTIFICATION, SCARD, loadPcscShim, scardCode, scardName, type PcscContext, type PcscShim } from './pcsc-native.js';
 
 export interface PcscTransportOptions {
   /** Reader name, exactly or as a unique substring. Omitted: the one reader holding a card. */
   reader?: string;
-  /** Bound on waiting for the reader list at open and for `waitForCard` (default 5000 ms). */
+  /** Bound on `waitForCard` (default 5000 ms). The reader list is read at once at open. */
   timeoutMs?: number;
   /**
    * What happens to the card when the transport closes: `reset` (default) drops the security
@@ -53,36 +53,26 @@ export interface PcscTransport extends ApduTransport {
 }
 
 const DEFAULT_TIMEOUT_MS = 5000;
-/** Quiet time after the last reader event before the reader list counts as complete. */
-const READER_SETTLE_MS = 100;
+/** The protocols offered at connect: the reader and card settle on one. */
+const PROTOCOLS = SCARD.PROTOCOL_T0 | SCARD.PROTOCOL_T1;
+/** Longest single SCardGetStatusChange of `waitForCard` (it is cancelled earlier when done). */
+const WATCH_SLICE_MS = 5000;
 
-let bindingPromise: Promise<PcscMini> | undefined;
-
-/** Loads pcsc-mini once; BACKEND_UNAVAILABLE with the reason when it cannot load. */
-async function loadBinding(): Promise<PcscMini> {
-  bindingPromise ??= import('pcsc-mini').then(
-    (m) => ((m as { default?: PcscMini }).default ?? m) as PcscMini,
-    (e: unknown) => {
-      bindingPromise = undefined;
-      throw new SealError('BACKEND_UNAVAILABLE', `the PC/SC binding (pcsc-mini) could not be loaded; is libpcsclite installed? (${e instanceof Error ? e.message.split('\n')[0] : String(e)})`, { cause: e });
-    },
-  );
-  return bindingPromise;
-}
-
-/** pcsc-mini error code (its names for SCARD_E_* / SCARD_W_*), if `e` is one of its errors. */
-function pcscCode(e: unknown): string | undefined {
-  const code = e instanceof Error ? (e as Error & { code?: unknown }).code : undefined;
-  if (typeof code === 'string') return code;
-  return undefined;
+/** Loads the shim once; BACKEND_UNAVAILABLE with the reason when it cannot load. */
+function loadBinding(): PcscShim {
+  try {
+    return loadPcscShim();
+  } catch (e) {
+    throw new SealError('BACKEND_UNAVAILABLE', `the PC/SC binding could not be loaded: ${e instanceof Error ? e.message.split('\n')[0] : String(e)}`, { cause: e });
+  }
 }
 
 const UNAVAILABLE_CODES = new Set(['NoService', 'ServiceStopped', 'NoReadersAvailable', 'UnknownReader', 'ReaderUnavailable', 'NoSmartCard', 'RemovedCard', 'UnpoweredCard', 'UnresponsiveCard', 'SharingViolation', 'NotReady', 'CommError', 'CommDataLost']);
 
 function mapPcscError(e: unknown, what: string): SealError {
   if (isSealError(e)) return e;
-  const code = pcscCode(e);
-  const opts = { backendCode: code ? `PCSC_${code}` : undefined, cause: e };
+  const code = scardName(e);
+  const opts = { backendCode: code ? `PCSC_${code}` : undefined, backendStatus: scardCode(e), cause: e };
   switch (code) {
     case 'NoService':
     case 'ServiceStopped':
@@ -102,12 +92,17 @@ function mapPcscError(e: unknown, what: string): SealError {
   }
 }
 
+/** A card present and answering, by SCARD_STATE_* flags. */
+function cardPresent(state: number | undefined): boolean {
+  return state !== undefined && (state & SCARD.STATE_PRESENT) !== 0 && (state & SCARD.STATE_MUTE) === 0;
+}
+
 /**
  * Opens a PC/SC transport to the card in `options.reader`. DEVICE_UNAVAILABLE when pcscd is
  * not running, the reader is absent (the message lists the readers) or holds no card.
  */
 export async function openPcscTransport(options: PcscTransportOptions = {}): Promise<PcscTransport> {
-  const pcsc = await loadBinding();
+  const pcsc = loadBinding();
   const t = new PcscCardTransport(pcsc, options);
   try {
     await t.open();
@@ -118,10 +113,10 @@ export async function openPcscTransport(options: PcscTransportOptions = {}): Pro
   return t;
 }
 
-interface ReaderEntry {
-  reader: PcscReader;
-  /** Raw ReaderStatus flags of the last change event; undefined before the first one. */
-  status: number | undefined;
+/** Our connection to the card: the shim's handle id and the protocol in use. */
+interface CardConnection {
+  handle: number;
+  protocol: number;
 }
 
 class PcscCardTransport implements PcscTransport {
@@ -129,133 +124,120 @@ class PcscCardTransport implements PcscTransport {
   generation = 0;
   extendedLength = false;
 
-  private readonly client: InstanceType<PcscMini['Client']>;
-  private readonly readers = new Map<string, ReaderEntry>();
+  /** Card I/O: connect, transmit, transactions. */
+  private readonly io: PcscContext;
+  /** Reader events for waitForCard, opened at the first wait. */
+  private watcher: PcscContext | undefined;
   private readonly lock = new ExclusiveLock();
   private readonly exchanges = new SerialQueue();
   private readonly timeoutMs: number;
-  private readonly listeners = new Set<() => void>();
+  private readonly waiters = new Set<() => void>();
   private readerName = '';
-  private card: PcscCard | undefined;
+  private card: CardConnection | undefined;
   private closed = false;
-  private clientError: unknown;
-  private started = false;
+  /** Last state of the reader seen by the watch loop; current only while `watching`. */
+  private readerState: number | undefined;
+  private watching = false;
+  private watchError: SealError | undefined;
 
   constructor(
-    private readonly pcsc: PcscMini,
+    private readonly pcsc: PcscShim,
     private readonly options: PcscTransportOptions,
   ) {
     this.timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
-    this.client = new pcsc.Client();
+    this.io = new pcsc.Context();
   }
 
   async open(): Promise<void> {
-    this.client.on('error', (e) => {
-      this.clientError = e;
-      this.notify();
-    });
-    this.client.on('reader', (reader) => {
-      const entry: ReaderEntry = { reader, status: undefined };
-      this.readers.set(reader.name(), entry);
-      reader.on('change', (status) => {
-        entry.status = status.raw;
-        this.notify();
-      });
-      reader.on('disconnect', () => {
-        if (this.readers.get(reader.name()) === entry) this.readers.delete(reader.name());
-        this.notify();
-      });
-      this.notify();
-    });
     try {
-      this.client.start();
-      this.started = true;
+      await this.io.open();
     } catch (e) {
       throw mapPcscError(e, 'PC/SC');
     }
-    await this.settleReaders();
-    this.readerName = this.chooseReader();
+    const states = await this.readerStates();
+    this.readerName = this.chooseReader(states);
     this.info = { kind: 'pcsc', name: this.readerName };
     await this.lock.run(async () => {
       await this.connected();
     });
   }
 
-  /** Waits until every reader has reported its state and no event came for READER_SETTLE_MS. */
-  private async settleReaders(): Promise<void> {
-    const deadline = Date.now() + this.timeoutMs;
-    let last = Date.now();
-    const bump = (): void => {
-      last = Date.now();
-    };
-    this.listeners.add(bump);
+  /** Every reader with its SCARD_STATE_* flags, as pcscd knows them now. */
+  private async readerStates(): Promise<Map<string, number>> {
+    let names: string[];
     try {
-      for (;;) {
-        if (this.clientError !== undefined) throw mapPcscError(this.clientError, 'PC/SC');
-        const allReported = [...this.readers.values()].every((r) => r.status !== undefined);
-        const now = Date.now();
-        if (allReported && now - last >= READER_SETTLE_MS) return;
-        if (now >= deadline) return;
-        await sleep(20);
-      }
-    } finally {
-      this.listeners.delete(bump);
+      names = await this.io.listReaders();
+    } catch (e) {
+      if (scardName(e) === 'NoReadersAvailable') return new Map();
+      throw mapPcscError(e, 'listing the PC/SC readers');
     }
+    if (names.length === 0) return new Map();
+    let states: { eventState: number }[];
+    try {
+      // UNAWARE for every reader: answers at once with the current states
+      states = await this.io.getStatusChange(names, names.map(() => SCARD.STATE_UNAWARE), 0);
+    } catch (e) {
+      throw mapPcscError(e, 'reading the PC/SC reader states');
+    }
+    const out = new Map<string, number>();
+    names.forEach((n, i) => {
+      const s = states[i]!.eventState;
+      if ((s & (SCARD.STATE_UNKNOWN | SCARD.STATE_IGNORE)) === 0) out.set(n, s);
+    });
+    return out;
   }
 
-  private chooseReader(): string {
-    const names = [...this.readers.keys()];
+  private chooseReader(states: Map<string, number>): string {
+    const names = [...states.keys()];
     const list = names.length > 0 ? names.map((n) => `'${n}'`).join(', ') : 'none';
     const wanted = this.options.reader;
     if (wanted !== undefined && wanted !== '') {
-      if (this.readers.has(wanted)) return wanted;
+      if (states.has(wanted)) return wanted;
       const matches = names.filter((n) => n.toLowerCase().includes(wanted.toLowerCase()));
       if (matches.length === 1) return matches[0]!;
       if (matches.length > 1) throw new SealError('INVALID_ARGUMENT', `reader '${wanted}' matches several readers: ${matches.map((n) => `'${n}'`).join(', ')}`);
       throw new SealError('DEVICE_UNAVAILABLE', `no PC/SC reader named '${wanted}' (readers: ${list})`);
     }
-    const withCard = names.filter((n) => this.cardPresent(n));
+    const withCard = names.filter((n) => cardPresent(states.get(n)));
     if (withCard.length === 1) return withCard[0]!;
     if (withCard.length > 1) throw new SealError('INVALID_ARGUMENT', `several readers hold a card, name one: ${withCard.map((n) => `'${n}'`).join(', ')}`);
     throw new SealError('DEVICE_UNAVAILABLE', `no card in any PC/SC reader (readers: ${list})`);
   }
 
-  private cardPresent(name: string): boolean {
-    const s = this.readers.get(name)?.status;
-    return s !== undefined && (s & this.pcsc.ReaderStatus.PRESENT) !== 0 && (s & this.pcsc.ReaderStatus.MUTE) === 0;
-  }
-
   private notify(): void {
-    for (const l of [...this.listeners]) l();
+    for (const l of [...this.waiters]) l();
   }
 
   /** The connected card, connecting first when needed (inside the lock). */
-  private async connected(): Promise<PcscCard> {
+  private async connected(): Promise<CardConnection> {
     if (this.closed) throw new SealError('CLOSED', 'the PC/SC transport is closed');
     if (this.card) return this.card;
-    const entry = this.readers.get(this.readerName);
-    if (!entry) throw new SealError('DEVICE_UNAVAILABLE', `PC/SC reader '${this.readerName}' is not attached`);
-    let card: PcscCard;
+    let card: CardConnection;
     try {
-      card = await entry.reader.connect(this.pcsc.CardMode.SHARED);
+      card = await this.io.connect(this.readerName, SCARD.SHARE_SHARED, PROTOCOLS);
     } catch (e) {
+      const name = scardName(e);
+      if (name === 'UnknownReader' || name === 'ReaderUnavailable') {
+        throw new SealError('DEVICE_UNAVAILABLE', `PC/SC reader '${this.readerName}' is not attached`, { backendCode: `PCSC_${name}`, backendStatus: scardCode(e), cause: e });
+      }
       throw mapPcscError(e, `connecting to the card in '${this.readerName}'`);
     }
     try {
-      let state: Awaited<ReturnType<PcscCard['state']>>;
+      let state: Awaited<ReturnType<PcscContext['status']>>;
       try {
-        state = await card.state();
+        state = await this.io.status(card.handle);
       } catch (e) {
         // Reset by another application between our connect and now: take the fresh card.
-        if (pcscCode(e) !== 'ResetCard') throw e;
-        await card.reconnect(this.pcsc.CardMode.SHARED, this.pcsc.CardDisposition.LEAVE);
-        state = await card.state();
+        if (scardName(e) !== 'ResetCard') throw e;
+        card.protocol = (await this.io.reconnect(card.handle, SCARD.SHARE_SHARED, PROTOCOLS, SCARD.LEAVE_CARD)).protocol;
+        state = await this.io.status(card.handle);
       }
-      const atr = Buffer.from(state.atr);
-      this.extendedLength = state.protocol === this.pcsc.Protocol.T1 && atrSupportsExtendedLength(atr);
+      if (state.protocol !== SCARD.PROTOCOL_UNDEFINED) card.protocol = state.protocol;
+      const atr = state.atr;
+      this.extendedLength = card.protocol === SCARD.PROTOCOL_T1 && atrSupportsExtendedLength(atr);
       this.info = { kind: 'pcsc', name: this.readerName, atr: atr.toString('hex').toUpperCase() };
     } catch (e) {
-      await card.disconnect(this.pcsc.CardDisposition.LEAVE).catch(() => undefined);
+      await this.io.disconnect(card.handle, SCARD.LEAVE_CARD).catch(() => undefined);
       throw mapPcscError(e, `reading the card state in '${this.readerName}'`);
     }
     this.card = card;
@@ -267,7 +249,7 @@ class PcscCardTransport implements PcscTransport {
   private async drop(): Promise<void> {
     const card = this.card;
     this.card = undefined;
-    if (card) await card.disconnect(this.pcsc.CardDisposition.LEAVE).catch(() => undefined);
+    if (card) await this.io.disconnect(card.handle, SCARD.LEAVE_CARD).catch(() => undefined);
   }
 
   /**
@@ -279,7 +261,7 @@ class PcscCardTransport implements PcscTransport {
     const card = this.card;
     if (!card) return false;
     try {
-      await card.reconnect(this.pcsc.CardMode.SHARED, this.pcsc.CardDisposition.LEAVE);
+      card.protocol = (await this.io.reconnect(card.handle, SCARD.SHARE_SHARED, PROTOCOLS, SCARD.LEAVE_CARD)).protocol;
       this.generation += 1;
       return true;
     } catch {
@@ -288,13 +270,13 @@ class PcscCardTransport implements PcscTransport {
     }
   }
 
-  /** Turns a binding error into a SealError, dropping or re-establishing the connection as needed. */
+  /** Turns a shim error into a SealError, dropping or re-establishing the connection as needed. */
   private async failure(e: unknown, what: string): Promise<SealError> {
-    const code = pcscCode(e);
+    const code = scardName(e);
     if (code === 'ResetCard') {
       // Reset in the middle of an operation: what was sent so far is lost.
       await this.recoverFromReset();
-      return new SealError('SESSION_LOST', `${what}: the card was reset by another application; select the applet again`, { backendCode: 'PCSC_ResetCard', cause: e });
+      return new SealError('SESSION_LOST', `${what}: the card was reset by another application; select the applet again`, { backendCode: 'PCSC_ResetCard', backendStatus: scardCode(e), cause: e });
     }
     const err = mapPcscError(e, what);
     if (err.code === 'DEVICE_UNAVAILABLE' || code === 'InvalidHandle') await this.drop();
@@ -304,7 +286,8 @@ class PcscCardTransport implements PcscTransport {
   private async rawTransmit(apdu: Buffer): Promise<Buffer> {
     const card = await this.connected();
     try {
-      return Buffer.from(await card.transmit(apdu));
+      // the shim receives into a MAX_BUFFER_SIZE_EXTENDED buffer: short and extended answers alike
+      return await this.io.transmit(card.handle, card.protocol, apdu);
     } catch (e) {
       throw await this.failure(e, 'card transmit');
     }
@@ -315,18 +298,25 @@ class PcscCardTransport implements PcscTransport {
     return this.exchanges.run(() => withIsoResponseHandling((a) => this.rawTransmit(a), apdu));
   }
 
+  /** SCardBeginTransaction on the connected card; the handle to end it on. */
+  private async beginTransaction(): Promise<number> {
+    const card = await this.connected();
+    await this.io.beginTransaction(card.handle);
+    return card.handle;
+  }
+
   exclusive<T>(fn: () => Promise<T>): Promise<T> {
     if (this.lock.held()) return fn();
     return this.lock.run(async () => {
-      let txn: Awaited<ReturnType<PcscCard['transaction']>>;
+      let handle: number;
       try {
-        txn = await (await this.connected()).transaction();
+        handle = await this.beginTransaction();
       } catch (e) {
         // A reset by another application since our last operation: nothing of this operation
         // was sent yet, so carry on with the fresh card (a new generation; stale channels see it).
-        if (pcscCode(e) !== 'ResetCard' || !(await this.recoverFromReset())) throw await this.failure(e, 'starting a card transaction');
+        if (scardName(e) !== 'ResetCard' || !(await this.recoverFromReset())) throw await this.failure(e, 'starting a card transaction');
         try {
-          txn = await (await this.connected()).transaction();
+          handle = await this.beginTransaction();
         } catch (e2) {
           throw await this.failure(e2, 'starting a card transaction');
         }
@@ -334,7 +324,7 @@ class PcscCardTransport implements PcscTransport {
       try {
         return await fn();
       } finally {
-        await txn.end(this.pcsc.CardDisposition.LEAVE).catch(() => undefined);
+        await this.io.endTransaction(handle, SCARD.LEAVE_CARD).catch(() => undefined);
       }
     });
   }
@@ -365,39 +355,89 @@ class PcscCardTransport implements PcscTransport {
 
   async waitForCard(timeoutMs = this.timeoutMs): Promise<void> {
     if (this.closed) throw new SealError('CLOSED', 'the PC/SC transport is closed');
-    if (this.cardPresent(this.readerName)) return;
     await new Promise<void>((resolve, reject) => {
       const check = (): void => {
-        if (this.cardPresent(this.readerName)) finish();
-        else if (this.closed) finish(new SealError('CLOSED', 'the PC/SC transport is closed'));
+        if (this.closed) finish(new SealError('CLOSED', 'the PC/SC transport is closed'));
+        else if (this.watching && cardPresent(this.readerState)) finish();
+        else if (this.watchError) finish(this.watchError);
       };
       const timer = setTimeout(() => finish(new SealError('TIMEOUT', `no card in '${this.readerName}' after ${timeoutMs} ms`)), timeoutMs);
       const finish = (e?: SealError): void => {
         clearTimeout(timer);
-        this.listeners.delete(check);
+        this.waiters.delete(check);
+        // the last waiter gone: end the wait in progress instead of letting it run its slice
+        if (this.waiters.size === 0) void this.watcher?.cancel().catch(() => undefined);
         if (e) reject(e);
         else resolve();
       };
-      this.listeners.add(check);
+      this.waiters.add(check);
+      if (this.watching) check(); // the watch loop's state is current: a card may be there already
+      else void this.watch();
     });
+  }
+
+  /**
+   * Follows the reader's state on the watcher context while someone waits: the first call asks
+   * with UNAWARE (answered at once with the current state), the next ones block until the state
+   * changes (a card inserted or removed, the reader detached or attached: the PnP pseudo reader).
+   */
+  private async watch(): Promise<void> {
+    this.watching = true;
+    this.watchError = undefined;
+    this.readerState = undefined;
+    try {
+      const watcher = await this.openWatcher();
+      let known = [SCARD.STATE_UNAWARE as number, SCARD.STATE_UNAWARE as number];
+      while (this.waiters.size > 0 && !this.closed) {
+        let states: { eventState: number }[];
+        try {
+          states = await watcher.getStatusChange([this.readerName, PNP_NOTIFICATION], known, WATCH_SLICE_MS);
+        } catch (e) {
+          const name = scardName(e);
+          if (name === 'Timeout' || name === 'Cancelled') continue;
+          throw e;
+        }
+        known = states.map((s) => s.eventState & ~SCARD.STATE_CHANGED);
+        this.readerState = states[0]!.eventState;
+        this.notify();
+      }
+    } catch (e) {
+      if (!this.closed) {
+        this.watchError = mapPcscError(e, `waiting for a card in '${this.readerName}'`);
+        this.notify();
+      }
+    } finally {
+      this.watching = false;
+    }
+  }
+
+  private async openWatcher(): Promise<PcscContext> {
+    if (this.watcher) return this.watcher;
+    const watcher = new this.pcsc.Context();
+    try {
+      await watcher.open();
+    } catch (e) {
+      await watcher.close().catch(() => undefined);
+      throw e;
+    }
+    if (this.closed) {
+      await watcher.close().catch(() => undefined);
+      throw new SealError('CLOSED', 'the PC/SC transport is closed');
+    }
+    this.watcher = watcher;
+    return watcher;
   }
 
   async close(): Promise<void> {
     if (this.closed) return;
     const finish = async (): Promise<void> => {
       this.closed = true;
+      this.notify();
       const card = this.card;
       this.card = undefined;
-      const disposition = this.options.disposition === 'leave' ? this.pcsc.CardDisposition.LEAVE : this.pcsc.CardDisposition.RESET;
-      if (card) await card.disconnect(disposition).catch(() => undefined);
-      if (this.started) {
-        try {
-          this.client.stop();
-        } catch {
-          // already stopped
-        }
-      }
-      this.notify();
+      const disposition = this.options.disposition === 'leave' ? SCARD.LEAVE_CARD : SCARD.RESET_CARD;
+      if (card) await this.io.disconnect(card.handle, disposition).catch(() => undefined);
+      await Promise.all([this.watcher?.close(), this.io.close()].map((p) => p?.catch(() => undefined)));
     };
     // Wait for a running operation unless close() is called from inside one.
     if (this.lock.held()) await finish();
@@ -489,8 +529,4 @@ export async function selectApplet(
     throw statusError(response.sw, what);
   }
   return { number, response };
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
 }
