@@ -308,7 +308,7 @@ export class Pkcs11Environment implements SecureEnvironment {
       }
       const h = await lib.C_GenerateKeyAsync(s, { mechanism: mech }, secretTemplate(algorithm, usages, naming));
       return this.#keyFromHandle(s, h);
-    });
+    }, { slow: true });
   }
 
   async importPublicKey(spec: ImportPublicKeySpec): Promise<KeyHandle> {

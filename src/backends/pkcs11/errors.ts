@@ -69,12 +69,29 @@ export const SESSION_FATAL = new Set([
   'CKR_CRYPTOKI_NOT_INITIALIZED',
 ]);
 
+/**
+ * Errors about an object handle that was valid when cached: the object may be gone, or may only
+ * have become invisible because the token logged the user out (SoftHSM2 then answers
+ * CKR_OBJECT_HANDLE_INVALID for a private key). Worth one check of the login and one fresh
+ * lookup, never more.
+ */
+export const HANDLE_SUSPECT = new Set(['CKR_OBJECT_HANDLE_INVALID', 'CKR_KEY_HANDLE_INVALID']);
+
 /** Status of a pkcs11js error, or undefined for anything else. */
 export function ckrOf(e: unknown): { code: number; name: string } | undefined {
   if (e && typeof e === 'object' && typeof (e as { code?: unknown }).code === 'number' && 'method' in e) {
     const code = (e as unknown as { code: number }).code;
     if (code === 0) return undefined; // a pkcs11js NativeError: no module status at all
     return { code, name: ckrName(code) };
+  }
+  // pkcs11js 2.1.7 wraps C_FindObjects outside its error translation: the native error arrives
+  // as a plain Error whose message is "CKR_<NAME>:<decimal value>"
+  if (e instanceof Error && !('code' in e)) {
+    const m = /^CKR_[A-Z0-9_]+:(\d{1,10})$/.exec(e.message);
+    if (m) {
+      const code = Number(m[1]);
+      if (code !== 0) return { code, name: ckrName(code) };
+    }
   }
   return undefined;
 }

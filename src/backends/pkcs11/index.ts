@@ -4,6 +4,10 @@
  *
  *   pkcs11:token=gw-hsm;serial=…?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=env:SEAL_PIN
  *   pkcs11:                                  (the embedded default)
+ *
+ * Query attributes beyond RFC 7512: `max-sessions` (1..256, default 8), `call-timeout-ms` (how
+ * long one asynchronous module call may take before TIMEOUT, default 30000; key generation gets
+ * ten times that, at least a minute), `protection-level` (an override, with a warning).
  */
 import type { Handle } from 'pkcs11js';
 import { SealError } from '../../core/errors.js';
@@ -14,7 +18,7 @@ import { Pkcs11Environment, protectionFor } from './environment.js';
 import { EMBEDDED_TOKEN_LABEL, prepareEmbedded } from './embedded.js';
 import { mapPkcs11Error } from './errors.js';
 import { LoadedModule } from './module.js';
-import { SessionPool } from './session-pool.js';
+import { DEFAULT_CALL_TIMEOUT_MS, SessionPool } from './session-pool.js';
 
 export { PKCS11_MECHANISM_ROWS } from './mechanisms.js';
 export { Pkcs11Environment } from './environment.js';
@@ -22,7 +26,8 @@ export { sealHome, EMBEDDED_TOKEN_LABEL } from './embedded.js';
 
 const DEFAULT_MAX_SESSIONS = 8;
 const KNOWN_PATH = new Set(['token', 'manufacturer', 'serial', 'model', 'object', 'id', 'type', 'library-manufacturer', 'library-description', 'library-version', 'slot-description', 'slot-manufacturer', 'slot-id']);
-const KNOWN_QUERY = new Set(['module-path', 'module-name', 'pin-source', 'pin-value', 'protection-level', 'max-sessions']);
+const KNOWN_QUERY = new Set(['module-path', 'module-name', 'pin-source', 'pin-value', 'protection-level', 'max-sessions', 'call-timeout-ms']);
+const MAX_CALL_TIMEOUT_MS = 24 * 3600 * 1000;
 
 function checkAttributes(uri: SealUri): void {
   for (const n of uri.pathNames) if (!KNOWN_PATH.has(n)) throw new SealError('INVALID_URI', `unknown pkcs11 path attribute '${n}'`);
@@ -83,6 +88,7 @@ async function open(uri: SealUri, options: OpenOptions): Promise<SecureEnvironme
     baseUri = uri.withQuery({ 'pin-value': undefined });
     pinUri = uri;
   }
+  let pool: SessionPool | undefined;
   try {
     const slot = findSlot(module, uri);
     const tokenInfo = module.lib.C_GetTokenInfo(slot);
@@ -92,12 +98,16 @@ async function open(uri: SealUri, options: OpenOptions): Promise<SecureEnvironme
     const maxQuery = uri.query('max-sessions');
     const maxSessions = maxQuery !== undefined ? Number(maxQuery) : DEFAULT_MAX_SESSIONS;
     if (!Number.isInteger(maxSessions) || maxSessions < 1 || maxSessions > 256) throw new SealError('INVALID_URI', 'max-sessions must be 1..256');
-    const pool = new SessionPool({
+    const timeoutQuery = uri.query('call-timeout-ms') ?? String(DEFAULT_CALL_TIMEOUT_MS);
+    const callTimeoutMs = /^\d{1,9}$/.test(timeoutQuery) ? Number(timeoutQuery) : NaN;
+    if (!(callTimeoutMs >= 1 && callTimeoutMs <= MAX_CALL_TIMEOUT_MS)) throw new SealError('INVALID_URI', `call-timeout-ms must be 1..${MAX_CALL_TIMEOUT_MS}`);
+    pool = new SessionPool({
       module,
       findSlot: () => findSlot(module, uri),
       // asked once; the same PIN serves re-logins after a lost session (never a different guess)
       pin: async () => (pin ??= await resolvePin(pinUri, `token '${label}'`, options)),
       maxSessions: tokenInfo.maxSessionCount > 0 ? Math.min(maxSessions, tokenInfo.maxSessionCount - 1 || 1) : maxSessions,
+      callTimeoutMs,
       what: `token '${label}'`,
     });
     await pool.ready();
@@ -128,6 +138,9 @@ async function open(uri: SealUri, options: OpenOptions): Promise<SecureEnvironme
       },
     });
   } catch (e) {
+    // a failed login leaves the anchor session open: close it, or it keeps the token's login
+    // state (and a session slot) for the life of the process
+    await pool?.close().catch(() => undefined);
     module.release();
     throw e instanceof SealError ? e : mapPkcs11Error(e, 'open the token');
   }

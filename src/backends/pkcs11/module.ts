@@ -3,7 +3,8 @@
  * CKF_OS_LOCKING_OK (pkcs11js runs *Async calls on libuv worker threads). A module that lost
  * its initialization (CKR_CRYPTOKI_NOT_INITIALIZED after a network HSM fail-over) is
  * re-initialized once; its `generation` changes so that stale session and object handles are
- * dropped rather than reused.
+ * dropped rather than reused. Calls the session pool stopped waiting for (timed out) are tracked:
+ * the module is not finalized under them, only once the last of them has returned.
  */
 import { existsSync } from 'node:fs';
 import pkcs11 from 'pkcs11js';
@@ -22,6 +23,7 @@ export class LoadedModule {
   readonly lib: pkcs11.PKCS11;
   generation = 0;
   #refs = 0;
+  #stuck = 0;
   readonly #options: ModuleOptions;
 
   private constructor(path: string, options: ModuleOptions) {
@@ -80,17 +82,42 @@ export class LoadedModule {
 
   /** Re-initializes after the module forgot us; every session and object handle becomes stale. */
   reinitialize(): void {
-    try {
-      this.lib.C_Finalize();
-    } catch {
-      // already finalized: exactly the situation being repaired
+    // not under a call still inside the module; C_Initialize alone then repairs a module that
+    // really forgot us (and answers ALREADY_INITIALIZED to one that did not)
+    if (this.#stuck === 0) {
+      try {
+        this.lib.C_Finalize();
+      } catch {
+        // already finalized: exactly the situation being repaired
+      }
     }
     this.generation++;
     this.#initialize();
   }
 
+  /** Calls that timed out and have not returned yet (each holds a libuv worker thread). */
+  get stuckCalls(): number {
+    return this.#stuck;
+  }
+
+  /** Keeps the module loaded until an abandoned call settles; `call` must not reject. */
+  track(call: Promise<unknown>): void {
+    this.#stuck++;
+    const done = (): void => {
+      if (--this.#stuck === 0 && this.#refs === 0) this.#unload();
+    };
+    call.then(done, done);
+  }
+
   release(): void {
     if (--this.#refs > 0) return;
+    // finalizing under a call still inside the module is undefined behaviour: the last tracked
+    // call to return unloads instead (acquire() meanwhile finds the module still loaded)
+    if (this.#stuck > 0) return;
+    this.#unload();
+  }
+
+  #unload(): void {
     LoadedModule.#modules.delete(this.path);
     try {
       this.lib.C_Finalize();

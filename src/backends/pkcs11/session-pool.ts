@@ -5,14 +5,32 @@
  *
  * Recovery: a session that saw any error is closed, never returned to the pool. A session-fatal
  * status (CKR_SESSION_HANDLE_INVALID, CKR_DEVICE_ERROR, CKR_USER_NOT_LOGGED_IN, token removed,
- * CKR_CRYPTOKI_NOT_INITIALIZED) makes the pool check its anchor, re-find the token, re-initialize
- * the module when needed and log in again — once. A rejected PIN is remembered and never tried
- * again: every later call fails with the same error until the environment is reopened.
+ * CKR_CRYPTOKI_NOT_INITIALIZED), from an operation or from the pool's own calls (open, login),
+ * makes the pool rebuild before the next call: idle sessions are dropped and the anchor checked
+ * (lost session), everything is reopened and the token found again (device error or removal),
+ * the module is re-initialized (not initialized); the login follows only when the token says it
+ * is gone. An invalid object handle is suspect too (a token that logged the user out hides its
+ * private objects that way): the login is checked and cached handles are looked up again.
+ * Idempotent work is repeated once on the rebuilt pool, so one such fault costs the caller
+ * nothing; a second one in the same call, or any fault in non-idempotent work, reaches the
+ * caller as its typed error. A failed C_Login is never repeated within a call; a rejected PIN
+ * is remembered and never tried again: every later call fails with the same error until the
+ * environment is reopened.
+ *
+ * Timeouts: pkcs11js runs the operation itself (C_Sign, C_Decrypt, key generation, …) on a libuv
+ * worker thread, so the pool can stop waiting for it. After `callTimeoutMs` the caller gets
+ * TIMEOUT; PKCS#11 has no way to cancel, so the session is set aside (never reused, closed once
+ * the module answers) and the next call runs on another one. Abandoned calls each hold a worker
+ * thread: once half of libuv's pool is held, calls fail fast with DEVICE_UNAVAILABLE instead of
+ * starving the process. A timeout is not retried and triggers no probe of the token (a probe is
+ * a synchronous call into a device that may be hung). The synchronous parts of an operation
+ * (C_*Init, C_Login, C_FindObjects, …) block the event loop and cannot be bounded from
+ * JavaScript.
  */
 import pkcs11 from 'pkcs11js';
 import type { Handle } from 'pkcs11js';
 import { SealError } from '../../core/errors.js';
-import { ckrOf, mapPkcs11Error, SESSION_FATAL } from './errors.js';
+import { ckrOf, HANDLE_SUSPECT, mapPkcs11Error, SESSION_FATAL } from './errors.js';
 import type { LoadedModule } from './module.js';
 
 export interface SessionPoolOptions {
@@ -22,9 +40,25 @@ export interface SessionPoolOptions {
   /** Supplies the user PIN when a login is needed; asked at most once per login. */
   pin: () => Promise<string>;
   maxSessions: number;
+  /** How long an asynchronous module call may take before the caller gets TIMEOUT. */
+  callTimeoutMs: number;
   /** Name of the token for messages. */
   what: string;
 }
+
+/** Default bound on one module call (URI query `call-timeout-ms`). */
+export const DEFAULT_CALL_TIMEOUT_MS = 30_000;
+/** Key generation may take far longer than one call (RSA on a card): at least this bound. */
+const SLOW_CALL_MIN_MS = 60_000;
+const SLOW_CALL_FACTOR = 10;
+
+/** Abandoned calls each hold a libuv worker thread: keep at least half of the pool for the rest. */
+function maxStuckCalls(): number {
+  const threads = Number(process.env.UV_THREADPOOL_SIZE) || 4;
+  return Math.max(1, Math.floor(threads / 2));
+}
+
+const EXPIRED = Symbol('expired');
 
 export interface RunOptions {
   /** Safe to repeat once on a fresh session after a session-fatal error (sign, decrypt, find, …). */
@@ -34,6 +68,8 @@ export interface RunOptions {
    * long as the login, not as long as one pooled session.
    */
   anchored?: boolean;
+  /** Key generation: bounded by max(10 × callTimeoutMs, 60 s) instead of callTimeoutMs. */
+  slow?: boolean;
 }
 
 export class SessionPool {
@@ -54,7 +90,7 @@ export class SessionPool {
   /** Changes whenever every session was dropped: cached object handles must be looked up again. */
   epoch = 0;
   /** Counters for doctor/tests: recoveries performed. */
-  readonly stats = { sessionsOpened: 0, sessionsDiscarded: 0, logins: 0, recoveries: 0, reinitializations: 0 };
+  readonly stats = { sessionsOpened: 0, sessionsDiscarded: 0, logins: 0, recoveries: 0, reinitializations: 0, retries: 0, timeouts: 0, sessionsSetAside: 0 };
 
   constructor(options: SessionPoolOptions) {
     this.#o = options;
@@ -84,6 +120,16 @@ export class SessionPool {
   }
 
   async #makeReady(): Promise<void> {
+    try {
+      await this.#rebuild();
+    } catch (e) {
+      // a lost session or device while opening or logging in: repaired before the next call
+      this.#onFailure(e);
+      throw mapPkcs11Error(e, `open a session on ${this.#o.what}`);
+    }
+  }
+
+  async #rebuild(): Promise<void> {
     if (this.#generation !== this.#o.module.generation) {
       this.#dropAll(false);
       this.#generation = this.#o.module.generation;
@@ -158,10 +204,14 @@ export class SessionPool {
     }
   }
 
-  #dropAll(lostToken: boolean): void {
+  #dropIdle(): void {
     for (const s of this.#idle) this.#close(s);
     this.#open -= this.#idle.length;
     this.#idle = [];
+  }
+
+  #dropAll(lostToken: boolean): void {
+    this.#dropIdle();
     if (this.#anchor) this.#close(this.#anchor);
     this.#anchor = undefined;
     this.#loggedIn = false;
@@ -199,6 +249,26 @@ export class SessionPool {
   #discard(s: Handle): void {
     this.#close(s);
     this.stats.sessionsDiscarded++;
+    this.#vacate();
+  }
+
+  /**
+   * A call on `s` was abandoned: `s` leaves the pool at once, is never lent again, and is closed
+   * once the module answers (unless the module was re-initialized meanwhile: then the handle may
+   * already name someone else's session).
+   */
+  #setAside(s: Handle, late: Promise<unknown>): void {
+    this.stats.sessionsSetAside++;
+    const generation = this.#o.module.generation;
+    const settle = (): void => {
+      if (generation === this.#o.module.generation) this.#close(s);
+    };
+    this.#o.module.track(late.then(settle, settle));
+    this.#vacate();
+  }
+
+  /** A borrowed session left the pool for good: its place goes to a waiter or becomes free. */
+  #vacate(): void {
     const w = this.#waiters.shift();
     if (w) {
       // hand the waiter a fresh session in place of the dead one
@@ -218,14 +288,26 @@ export class SessionPool {
 
   /** Reacts to a failed call: decides what must be rebuilt before the next one. */
   #onFailure(e: unknown): boolean {
-    const ckr = ckrOf(e);
-    if (!ckr || !SESSION_FATAL.has(ckr.name)) return false;
+    const status = e instanceof SealError ? e.backendCode : ckrOf(e)?.name;
+    if (status && HANDLE_SUSPECT.has(status)) {
+      this.stats.recoveries++;
+      // new epoch: keys look their handles up again (a deleted key then says KEY_NOT_FOUND)
+      this.#dropIdle();
+      this.epoch++;
+      this.#checkAnchor = true;
+      return true;
+    }
+    if (!status || !SESSION_FATAL.has(status)) return false;
     this.stats.recoveries++;
-    switch (ckr.name) {
+    switch (status) {
       case 'CKR_CRYPTOKI_NOT_INITIALIZED':
         if (this.#generation === this.#o.module.generation) {
           this.stats.reinitializations++;
-          this.#o.module.reinitialize();
+          try {
+            this.#o.module.reinitialize();
+          } catch {
+            // still not initializable: the next call finds the generation changed and tries again
+          }
         }
         break;
       case 'CKR_DEVICE_ERROR':
@@ -238,9 +320,48 @@ export class SessionPool {
         this.#checkAnchor = true;
         break;
       default:
+        // a lost session: a token that drops one (idle timeout, fail-over) has usually dropped
+        // all, so the idle ones go too rather than being tried one per retry
+        this.#dropIdle();
         this.#checkAnchor = true;
     }
     return true;
+  }
+
+  /** Refuses new work while abandoned calls hold the worker threads it would need. */
+  #checkStuck(what: string): void {
+    const stuck = this.#o.module.stuckCalls;
+    if (stuck >= maxStuckCalls()) {
+      throw new SealError('DEVICE_UNAVAILABLE', `${what}: ${stuck} earlier calls to ${this.#o.what} have not returned; nothing more is sent until they do`);
+    }
+  }
+
+  #timeoutFor(options: RunOptions): number {
+    const ms = this.#o.callTimeoutMs;
+    return options.slow ? Math.max(ms * SLOW_CALL_FACTOR, SLOW_CALL_MIN_MS) : ms;
+  }
+
+  /**
+   * Waits for `work` at most `ms`. On expiry the call is handed to `abandon` (it goes on inside
+   * the module) and the caller gets TIMEOUT. Synchronous module calls in `work` run to the end
+   * before any timer can fire.
+   */
+  async #bounded<T>(what: string, work: () => T | Promise<T>, ms: number, abandon: (late: Promise<unknown>) => void): Promise<T> {
+    const call = (async () => work())();
+    let timer: NodeJS.Timeout | undefined;
+    const expired = new Promise<typeof EXPIRED>((resolve) => {
+      timer = setTimeout(resolve, ms, EXPIRED);
+    });
+    let first: T | typeof EXPIRED;
+    try {
+      first = await Promise.race([call, expired]);
+    } finally {
+      clearTimeout(timer);
+    }
+    if (first !== EXPIRED) return first;
+    this.stats.timeouts++;
+    abandon(call);
+    throw new SealError('TIMEOUT', `${what}: ${this.#o.what} did not answer within ${ms} ms`);
   }
 
   /**
@@ -249,37 +370,73 @@ export class SessionPool {
    * with the mapped error and the pool is repaired before the next call.
    */
   async run<T>(what: string, fn: (session: Handle) => T | Promise<T>, options: RunOptions = {}): Promise<T> {
-    if (options.anchored) return this.#runAnchored(what, fn);
+    if (options.anchored) return this.#runAnchored(what, fn, options);
+    const ms = this.#timeoutFor(options);
     for (let attempt = 0; ; attempt++) {
+      this.#checkStuck(what);
       await this.ready();
       const s = await this.#acquire();
+      let abandoned = false;
+      let result: T;
       try {
-        const result = await fn(s);
-        this.#release(s);
-        return result;
+        result = await this.#bounded(what, () => fn(s), ms, (late) => {
+          abandoned = true;
+          this.#setAside(s, late);
+        });
       } catch (e) {
+        // a timed-out call is not repeated: the device already had its time
+        if (abandoned) throw e;
         this.#discard(s);
         const fatal = this.#onFailure(e);
-        if (fatal && options.idempotent && attempt === 0) continue;
+        if (fatal && options.idempotent && attempt === 0) {
+          this.stats.retries++;
+          continue;
+        }
         throw mapPkcs11Error(e, what);
       }
+      this.#release(s);
+      return result;
     }
   }
 
-  #runAnchored<T>(what: string, fn: (session: Handle) => T | Promise<T>): Promise<T> {
+  #runAnchored<T>(what: string, fn: (session: Handle) => T | Promise<T>, options: RunOptions): Promise<T> {
+    const ms = this.#timeoutFor(options);
     const next = this.#anchorQueue.then(async () => {
+      this.#checkStuck(what);
       await this.ready();
       const anchor = this.#anchor;
       if (!anchor) throw new SealError('SESSION_LOST', `${what}: no session on ${this.#o.what}`);
+      let abandoned = false;
       try {
-        return await fn(anchor);
+        return await this.#bounded(what, () => fn(anchor), ms, (late) => {
+          abandoned = true;
+          this.#abandonAnchor(anchor, late);
+        });
       } catch (e) {
+        if (abandoned) throw e;
         this.#onFailure(e);
         throw mapPkcs11Error(e, what);
       }
     });
     this.#anchorQueue = next.catch(() => undefined);
     return next;
+  }
+
+  /**
+   * The anchor's call was abandoned: the next call opens a new anchor and logs in again (session
+   * objects of the old one are lost with it); the old one is closed once the module answers.
+   */
+  #abandonAnchor(anchor: Handle, late: Promise<unknown>): void {
+    if (this.#anchor === anchor) {
+      this.#anchor = undefined;
+      this.#loggedIn = false;
+    }
+    this.stats.sessionsSetAside++;
+    const generation = this.#o.module.generation;
+    const settle = (): void => {
+      if (generation === this.#o.module.generation && this.#anchor !== anchor) this.#close(anchor);
+    };
+    this.#o.module.track(late.then(settle, settle));
   }
 
   async close(): Promise<void> {
