@@ -6,8 +6,8 @@ import { registerBackend, registerUnavailable } from './core/registry.js';
 
 registerBackend('pkcs11', async () => (await import('./backends/pkcs11/index.js')).backend);
 registerBackend('tpm2', async () => (await import('./backends/tpm2/index.js')).backend);
-registerUnavailable('pcsc', 'the PC/SC (PIV, IoT SAFE) backend is not part of this release yet');
-registerUnavailable('at', 'the modem AT+CSIM backend is not part of this release yet');
+registerBackend('pcsc', async () => (await import('./backends/pcsc/index.js')).backend);
+registerBackend('at', async () => (await import('./backends/pcsc/index.js')).atBackend);
 
 export { openEnvironment, registerBackend, registeredSchemes } from './core/registry.js';
 export { SealError, isSealError, ERROR_CODES, type ErrorCode } from './core/errors.js';

@@ -69,6 +69,26 @@ export interface GenerateKeySpec {
   usages: KeyUsage[];
   /** Opaque key id; a random 16-byte id when omitted. */
   id?: Buffer;
+  /**
+   * Modules with fixed key containers (`traits.fixedContainers`): allow replacing the key the
+   * named container holds (the old key is destroyed for good). Ignored elsewhere.
+   */
+  replace?: boolean;
+}
+
+/**
+ * How an environment's key model differs from the PKCS#11/TPM norm (labels chosen freely, keys
+ * destroyable, usages enforced by the module, data objects under any label). Absent = the norm.
+ */
+export interface EnvironmentTraits {
+  /** Keys live in containers the module defines (PIV slots, IoT SAFE containers): a label names one (see `containerFor`). */
+  fixedContainers: boolean;
+  /** `destroy()` removes a key; false where keys can only be replaced. */
+  destroyKeys: boolean;
+  /** The module itself refuses operations outside a key's usages (PKCS#11 CKA_SIGN…, TPM attributes). */
+  moduleEnforcesUsages: boolean;
+  /** What `writeData` stores: any label, certificates of key slots only, or nothing (read-only files). */
+  dataObjects: 'any-label' | 'certificates' | 'read-only';
 }
 
 export interface SignOptions {
@@ -191,6 +211,14 @@ export interface SecureEnvironment {
   readonly uri: string;
   readonly info: EnvironmentInfo;
   readonly capabilities: readonly Capability[];
+  /** Where the key model differs from the norm; absent means free labels, destroyable keys, enforced usages. */
+  readonly traits?: EnvironmentTraits;
+  /**
+   * Fixed-container modules: the label of a container where a key of this algorithm and these
+   * usages can be generated (with `replace: true` it may overwrite the key there). Generic callers
+   * and the conformance suite use it instead of inventing labels.
+   */
+  containerFor?(algorithm: KeyAlgorithmInput, usages: KeyUsage[]): Promise<string>;
   generateKey(spec: GenerateKeySpec): Promise<KeyHandle>;
   importPublicKey(spec: ImportPublicKeySpec): Promise<KeyHandle>;
   /** By URI (the environment's own kind) or by label. */
