@@ -915,11 +915,17 @@ if (URIS.length === 0) {
       }
     });
 
-    itD('(d) 1,000 concurrent signatures on one key all succeed and all verify', async (ctx) => {
+    itD('(d) concurrent signatures on one key (1,000, fewer on slow modules) all succeed and all verify', async (ctx) => {
       if (!can('ECDSA P-256', 'generate') || !can('ECDSA P-256', 'sign')) ctx.skip(true, 'ECDSA P-256 signing is not offered');
       const key = await generate('concurrent', { name: 'ECDSA', namedCurve: 'P-256' }, ['sign', 'verify']);
       const pub = spkiKey(key);
-      const messages = Array.from({ length: 1000 }, (_, i) => Buffer.from(`message ${i} ${run}`));
+      // a card behind a modem signs in tens of milliseconds: keep the case near 15 s there
+      const t0 = performance.now();
+      for (let i = 0; i < 3; i++) await key.sign(data);
+      const perSign = (performance.now() - t0) / 3;
+      const count = Math.max(50, Math.min(1000, Math.floor(15_000 / perSign)));
+      console.log(`conformance: ${printable(uri, 0)}: ${count} concurrent signatures (${perSign.toFixed(1)} ms per signature alone)`);
+      const messages = Array.from({ length: count }, (_, i) => Buffer.from(`message ${i} ${run}`));
       const results = await Promise.allSettled(messages.map((m) => key.sign(m)));
       const failed = results.filter((r) => r.status === 'rejected');
       expect(failed.map((r) => String((r as PromiseRejectedResult).reason)).slice(0, 3)).toEqual([]);

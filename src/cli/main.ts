@@ -322,7 +322,8 @@ program
 program
   .command('demo')
   .description('walk the device life-cycle on the environment and show what stays inside')
-  .action(async () => {
+  .option('--replace-keys', 'on cards (fixed key slots): consent to replacing the keys in the slots the demo uses')
+  .action(async (o: { replaceKeys?: boolean }) => {
     await withEnv(async (env) => {
       const json = globals().json;
       const result = await runDemo(env, (s) => {
@@ -330,7 +331,7 @@ program
         process.stdout.write(`\n== ${s.step}\n`);
         for (const l of s.lines) process.stdout.write(`   ${l}\n`);
         for (const l of s.inside) process.stdout.write(`   [inside] ${l}\n`);
-      });
+      }, { replaceKeys: o.replaceKeys === true });
       if (json) out('', result);
       else process.stdout.write(`\ndemo complete on ${result.environment.label}: every key stayed inside the module\n`);
     });

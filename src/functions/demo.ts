@@ -19,7 +19,7 @@ import {
 import * as x509 from '@peculiar/x509';
 import { SealError } from '../core/errors.js';
 import { PROTECTION_LEVELS } from '../core/protection.js';
-import type { KeyUsage } from '../core/algorithms.js';
+import type { KeyAlgorithmInput, KeyUsage } from '../core/algorithms.js';
 import type { KeyHandle, Operation, SecureEnvironment } from '../core/types.js';
 import { tpmDerivedHmacKey, wrapForTpm } from '../backends/tpm2/server.js';
 import type { WrappedTpmKey } from '../backends/tpm2/environment.js';
@@ -145,7 +145,22 @@ async function bootstrapByTpmImport(env: SecureEnvironment & TpmImport, run: str
   return [root, conn];
 }
 
-export async function runDemo(env: SecureEnvironment, report: (s: DemoStep) => void = () => {}): Promise<DemoResult> {
+export interface DemoOptions {
+  /**
+   * Modules with fixed key containers (PIV slots, IoT SAFE containers) get the demo's keys in the
+   * containers `containerFor()` names, replacing the keys there for good: only with this consent.
+   */
+  replaceKeys?: boolean;
+}
+
+export async function runDemo(env: SecureEnvironment, report: (s: DemoStep) => void = () => {}, options: DemoOptions = {}): Promise<DemoResult> {
+  const fixed = env.traits?.fixedContainers === true;
+  if (fixed && !options.replaceKeys) {
+    throw new SealError('USAGE_NOT_PERMITTED', `${env.info.label} keeps keys in fixed containers: the demo would replace the keys there for good; run it with --replace-keys (simulators, spare cards) to consent`);
+  }
+  /** A new key under a demo label, or in the container a fixed-container module names for it. */
+  const newKey = async (label: string, algorithm: KeyAlgorithmInput, usages: KeyUsage[]): Promise<KeyHandle> =>
+    fixed ? env.generateKey({ label: await env.containerFor!(algorithm, usages), algorithm, usages, replace: true }) : env.generateKey({ label, algorithm, usages });
   const run = randomBytes(4).toString('hex');
   const created: KeyHandle[] = [];
   const steps: DemoStep[] = [];
@@ -167,7 +182,7 @@ export async function runDemo(env: SecureEnvironment, report: (s: DemoStep) => v
     ], []);
 
     // 1. Initialization: the device identity key is born inside; the CSR is signed inside.
-    const device = keep(await env.generateKey({ label: `demo-device-${run}`, algorithm: { name: 'ECDSA', namedCurve: 'P-256' }, usages: ['sign', 'verify'] }));
+    const device = keep(await newKey(`demo-device-${run}`, { name: 'ECDSA', namedCurve: 'P-256' }, ['sign', 'verify']));
     const csrPem = await createCsr(device, { subject: `CN=device-${run}, O=seal-bridge demo` });
     const csr = new x509.Pkcs10CertificateRequest(csrPem);
     const csrOk = await csr.verify();
@@ -194,7 +209,7 @@ export async function runDemo(env: SecureEnvironment, report: (s: DemoStep) => v
     // 4. Security association with a peer: ECDH, then AES-GCM messages with replay protection.
     const agreeRow = env.capabilities.find((c) => c.algorithm === 'ECDH P-256' && c.operation === 'agree');
     if (agreeRow) {
-      const ecdh = keep(await env.generateKey({ label: `demo-ecdh-${run}`, algorithm: { name: 'ECDH', namedCurve: 'P-256' }, usages: ['deriveKey'] }));
+      const ecdh = keep(await newKey(`demo-ecdh-${run}`, { name: 'ECDH', namedCurve: 'P-256' }, ['deriveKey']));
       const peer = createECDH('prime256v1');
       const peerPoint = peer.generateKeys();
       const jwk = createPublicKey({ key: ecdh.publicKey!, format: 'der', type: 'spki' }).export({ format: 'jwk' });
@@ -272,14 +287,19 @@ export async function runDemo(env: SecureEnvironment, report: (s: DemoStep) => v
     return { environment: { uri: env.uri, label: env.info.label, protectionLevel: env.info.protectionLevel }, steps, ok: true };
   } finally {
     const gone: string[] = [];
+    const kept: string[] = [];
     for (const k of created.reverse()) {
       try {
         await k.destroy();
         gone.push(k.label);
       } catch {
         // best effort: a demo key left behind is listed by `seal key list`
+        kept.push(k.label);
       }
     }
-    emit('cleanup', [`destroyed the demo's ${gone.length} keys`], []);
+    emit('cleanup', [
+      `destroyed the demo's ${gone.length} keys`,
+      ...(kept.length > 0 ? [`left in their containers (this module cannot delete keys): ${kept.join(', ')}`] : []),
+    ], []);
   }
 }

@@ -421,7 +421,11 @@ export class IotSafeEnvironment implements SecureEnvironment, IotSafeKeyOwner {
     const u = checkUsages(a, usages);
     if ((a.name !== 'ECDSA' && a.name !== 'ECDH') || a.namedCurve !== 'P-256') throw new SealError('NOT_SUPPORTED', `the IoT SAFE applet generates P-256 keys only, not ${a.name}`);
     const needed = IOTSAFE_FN.keygen | (a.name === 'ECDSA' ? IOTSAFE_FN.sign : 0) | (u.includes('deriveKey') || a.name === 'ECDH' ? IOTSAFE_FN.agree : 0);
-    const o = (await this.#refresh()).find((c) => c.kind === 'private' && iotSafeCurveOf(c.keyType) !== undefined && ((c.functions ?? 0) & needed) === needed);
+    // the container that fits with the fewest other functions: an agreement-only container for ECDH
+    const bits = (n: number): number => n.toString(2).replace(/0/g, '').length;
+    const o = (await this.#refresh())
+      .filter((c) => c.kind === 'private' && iotSafeCurveOf(c.keyType) !== undefined && ((c.functions ?? 0) & needed) === needed)
+      .sort((x, y) => bits(x.functions ?? 0) - bits(y.functions ?? 0))[0];
     if (!o) throw new SealError('NOT_SUPPORTED', `the applet has no container that generates ${algorithmShortName(a)} keys for ${u.join(', ')}`);
     return o.label;
   }
