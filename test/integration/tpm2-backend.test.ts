@@ -316,6 +316,24 @@ describe('TPM 2.0 backend on swtpm', () => {
     }
   });
 
+  it('NV: an owner index is defined, written, read back (also by tpm2_nvread) and deleted', async () => {
+    const env = (await openEnvironment(a.tpm.uri(join(work, 'keys-nv')))) as Tpm2Environment;
+    const index = 0x01500020;
+    try {
+      const value = randomBytes(48);
+      await env.nvWrite(index, value);
+      expect((await env.nvRead(index, 48)).equals(value)).toBe(true);
+      const r = run('tpm2_nvread', ['-T', a.tpm.tcti, '-C', 'o', '-s', '48', `0x${index.toString(16)}`, '-o', join(work, 'nv.bin')]);
+      expect(r.status, r.stderr).toBe(0);
+      expect(readFileSync(join(work, 'nv.bin')).equals(value)).toBe(true);
+      await env.nvDelete(index);
+      await expect(env.nvRead(index, 48)).rejects.toBeInstanceOf(SealError);
+      await expect(env.nvWrite(0x00000001, value)).rejects.toMatchObject({ code: 'INVALID_ARGUMENT' });
+    } finally {
+      await env.close();
+    }
+  });
+
   it('parameter encryption can be turned off; both modes sign, decrypt and unseal', async () => {
     for (const pe of ['on', 'off']) {
       const env = (await openEnvironment(`${a.tpm.uri(join(work, `keys-pe-${pe}`))}&param-encryption=${pe}`)) as Tpm2Environment;
