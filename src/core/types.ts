@@ -103,9 +103,12 @@ export interface SignOptions {
 }
 
 export interface EncryptOptions {
-  /** AES-GCM (default for AES keys) or RSA-OAEP (default for RSA keys). */
-  algorithm?: 'AES-GCM' | 'RSA-OAEP';
-  /** AES-GCM: 12-byte IV; generated inside the module when omitted and returned. */
+  /**
+   * AES-GCM (default for AES keys) or RSA-OAEP (default for RSA keys); AES-CFB where the module
+   * has no AES-GCM (TPM2_EncryptDecrypt2): no integrity, so authenticate the ciphertext separately.
+   */
+  algorithm?: 'AES-GCM' | 'RSA-OAEP' | 'AES-CFB';
+  /** AES-GCM: 12-byte IV; AES-CFB: 16 bytes. Generated when omitted and returned. */
   iv?: Buffer;
   additionalData?: Buffer;
   /** AES-GCM tag length in bits (default 128). */

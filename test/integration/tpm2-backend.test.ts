@@ -316,6 +316,33 @@ describe('TPM 2.0 backend on swtpm', () => {
     }
   });
 
+  it('AES keys encrypt with TPM2_EncryptDecrypt2 (AES-CFB, asked for explicitly), in chunks, and decrypt back', async () => {
+    const env = (await openEnvironment(a.tpm.uri(join(work, 'keys-aes')))) as Tpm2Environment;
+    try {
+      for (const length of [128, 256] as const) {
+        const key = await env.generateKey({ label: `aes-${length}`, algorithm: { name: 'AES', length }, usages: ['encrypt', 'decrypt'] });
+        expect(key.kind).toBe('secret');
+        const plaintext = randomBytes(3000); // three TPM2_EncryptDecrypt2 calls, the IV chained
+        await expect(key.encrypt(plaintext)).rejects.toMatchObject({ code: 'NOT_SUPPORTED' }); // AES-GCM: not in TPMs
+        const { ciphertext, iv } = await key.encrypt(plaintext, { algorithm: 'AES-CFB' });
+        expect(iv!.length).toBe(16);
+        expect(ciphertext.length).toBe(plaintext.length);
+        expect(ciphertext.equals(plaintext)).toBe(false);
+        expect((await key.decrypt(ciphertext, { algorithm: 'AES-CFB', iv })).equals(plaintext)).toBe(true);
+        // CFB: the same IV gives the same stream; a flipped ciphertext bit flips the same plaintext bit
+        expect((await key.encrypt(plaintext, { algorithm: 'AES-CFB', iv: iv! })).ciphertext.equals(ciphertext)).toBe(true);
+        const flipped = Buffer.from(ciphertext);
+        flipped[2000] = flipped[2000]! ^ 0x01;
+        const back = await key.decrypt(flipped, { algorithm: 'AES-CFB', iv });
+        expect(back[2000]).toBe(plaintext[2000]! ^ 0x01);
+        await expect(key.decrypt(ciphertext, { algorithm: 'AES-CFB' })).rejects.toMatchObject({ code: 'INVALID_ARGUMENT' });
+      }
+      await expect(env.generateKey({ label: 'aes-wrap', algorithm: { name: 'AES', length: 256 }, usages: ['wrapKey'] })).rejects.toMatchObject({ code: 'NOT_SUPPORTED' });
+    } finally {
+      await env.close();
+    }
+  });
+
   it('NV: an owner index is defined, written, read back (also by tpm2_nvread) and deleted', async () => {
     const env = (await openEnvironment(a.tpm.uri(join(work, 'keys-nv')))) as Tpm2Environment;
     const index = 0x01500020;

@@ -66,6 +66,11 @@ export const TPM2_CAPABILITIES: readonly Capability[] = [
   { algorithm: 'HMAC SHA-256', operation: 'generate', variant: 'keyed hash', result: 'key-inside', mechanism: 'TPM2_Create (keyedHash, HMAC)' },
   { algorithm: 'HMAC SHA-256', operation: 'sign', variant: 'HMAC-SHA-256', result: 'output', mechanism: 'TPM2_HMAC' },
   { algorithm: 'HMAC SHA-256', operation: 'verify', variant: 'HMAC-SHA-256', result: 'output', mechanism: 'TPM2_HMAC' },
+  ...([128, 256] as const).flatMap((bits): Capability[] => [
+    { algorithm: `AES-${bits}`, operation: 'generate', variant: 'secret key', result: 'key-inside', mechanism: 'TPM2_Create (symCipher)' },
+    { algorithm: `AES-${bits}`, operation: 'encrypt', variant: 'AES-CFB (no integrity)', result: 'output', mechanism: 'TPM2_EncryptDecrypt2', note: 'no AES-GCM in TPMs: authenticate the ciphertext separately, e.g. with an HMAC key' },
+    { algorithm: `AES-${bits}`, operation: 'decrypt', variant: 'AES-CFB (no integrity)', result: 'output', mechanism: 'TPM2_EncryptDecrypt2' },
+  ]),
   ...['ECDSA P-256', 'ECDSA P-384', 'RSA-2048', 'HMAC SHA-256'].map((algorithm): Capability => ({
     algorithm,
     operation: 'unwrap',
@@ -221,7 +226,7 @@ export class Tpm2Environment implements SecureEnvironment {
       const transient: Loadable = { cacheKey: `persist-${persistent}`, ...blobs, auth: () => Buffer.alloc(0) };
       await this.conn.run('TPM2_EvictControl', (ctx) => this.conn.persist(ctx, transient, persistent), false);
     }
-    const meta = this.#record(spec.label, algorithm.name === 'HMAC' ? 'secret' : 'private', 'generated-inside', algorithm, usages, {
+    const meta = this.#record(spec.label, algorithm.name === 'HMAC' || algorithm.name === 'AES' ? 'secret' : 'private', 'generated-inside', algorithm, usages, {
       ...(policy ? { pcrPolicy: policy.record } : {}),
       ...(options.authSource ? { authSource: options.authSource } : {}),
       ...(derivationParent ? { derivationParent } : {}),
@@ -613,6 +618,10 @@ export function keyTemplate(a: KeyAlgorithm, usages: readonly KeyUsage[], noAuth
       const attrs = base | (has('sign') ? OBJ.sign : 0) | (has('decrypt') || has('unwrapKey') ? OBJ.decrypt : 0);
       return { type: 'rsa', nameAlg: ALG.SHA256, attributes: attrs, authPolicy, symmetric: { alg: ALG.NULL }, scheme: { alg: ALG.NULL }, keyBits: a.modulusLength, exponent: 0, modulus: Buffer.alloc(0) };
     }
+    case 'AES':
+      if (has('wrapKey') || has('unwrapKey') || has('deriveKey')) throw new SealError('NOT_SUPPORTED', 'TPM AES keys encrypt and decrypt (AES-CFB) only');
+      // symCipher: decrypt and sign (= encrypt) as the usages ask; the mode is chosen per command
+      return { type: 'symcipher', nameAlg: ALG.SHA256, attributes: base | (has('decrypt') ? OBJ.decrypt : 0) | (has('encrypt') ? OBJ.sign : 0), authPolicy, symmetric: { alg: ALG.AES, keyBits: a.length, mode: ALG.NULL }, unique: Buffer.alloc(0) };
     case 'HMAC':
       if (has('deriveKey')) {
         if (has('sign') || has('verify')) throw new SealError('NOT_SUPPORTED', 'a TPM derivation parent cannot also sign: create two keys');

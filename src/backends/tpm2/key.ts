@@ -3,7 +3,7 @@
  * SRK. Signing hashes on the host and has the TPM sign the digest; decryption, ECDH (ZGen) and
  * HMAC run in the TPM; verification and public-key encryption use the public key on the host.
  */
-import { createHash, createPublicKey, publicEncrypt, constants, timingSafeEqual, verify as nodeVerify } from 'node:crypto';
+import { createHash, createPublicKey, publicEncrypt, constants, randomBytes, timingSafeEqual, verify as nodeVerify } from 'node:crypto';
 import { SealError } from '../../core/errors.js';
 import { defaultHash, type HashName, type KeyAlgorithm, type KeyKind, type KeyUsage } from '../../core/algorithms.js';
 import { toPem, p1363ToDer, derToP1363 } from '../../core/encoding.js';
@@ -24,6 +24,8 @@ import { ALG, COORDINATE, HASH_ALG, decodeSignature, encodeEccPoint, encodePcrSe
 import { TR } from './native.js';
 
 const MAX_HMAC_INPUT = 1024; // TPM2B_MAX_BUFFER on common TPMs
+const MAX_CIPHER_CHUNK = 1024; // TPM2B_MAX_BUFFER: one TPM2_EncryptDecrypt2 call
+const MAX_MODULE_INPUT = 16 * 1024 * 1024;
 
 export interface Tpm2KeyParams {
   conn: TpmConnection;
@@ -199,9 +201,31 @@ export class Tpm2Key implements KeyHandle, Loadable {
     throw new SealError('NOT_SUPPORTED', `${a.name} keys do not verify`);
   }
 
+  /** AES-CFB through TPM2_EncryptDecrypt2, in chunks the TPM takes, chaining the IV. */
+  async #aesCfb(data: Buffer, decrypt: boolean, options: EncryptOptions): Promise<EncryptResult> {
+    if (data.length > MAX_MODULE_INPUT) throw new SealError('DATA_TOO_LARGE', `at most ${MAX_MODULE_INPUT} bytes per call`);
+    const algorithm = options.algorithm ?? 'AES-GCM';
+    if (algorithm !== 'AES-CFB') throw new SealError('NOT_SUPPORTED', `TPMs have no ${algorithm}: ask for algorithm 'AES-CFB' (no integrity) explicitly`);
+    if (options.additionalData !== undefined) throw new SealError('NOT_SUPPORTED', 'AES-CFB takes no additional data');
+    if (decrypt && options.iv === undefined) throw new SealError('INVALID_ARGUMENT', 'AES-CFB decryption needs the IV');
+    const iv0 = options.iv ?? randomBytes(16);
+    if (iv0.length !== 16) throw new SealError('INVALID_ARGUMENT', 'the AES-CFB IV is 16 bytes');
+    const parts: Buffer[] = [];
+    let iv = iv0;
+    for (let off = 0; off < data.length || (off === 0 && data.length === 0); off += MAX_CIPHER_CHUNK) {
+      const chunk = data.subarray(off, off + MAX_CIPHER_CHUNK);
+      const r = await this.#withKey('TPM2_EncryptDecrypt2', true, true, (ctx, h, s) => ctx.encryptDecrypt2(h, [s], chunk, decrypt ? 1 : 0, ALG.CFB, iv));
+      parts.push(r.data);
+      iv = r.iv;
+      if (data.length === 0) break;
+    }
+    return { ciphertext: Buffer.concat(parts), iv: iv0 };
+  }
+
   async encrypt(data: Buffer, options: EncryptOptions = {}): Promise<EncryptResult> {
     this.#require('encrypt');
-    if (this.algorithm.name !== 'RSA' || !this.#p.spki) throw new SealError('NOT_SUPPORTED', 'the TPM backend encrypts with RSA-OAEP public keys only');
+    if (this.algorithm.name === 'AES') return this.#aesCfb(data, false, options);
+    if (this.algorithm.name !== 'RSA' || !this.#p.spki) throw new SealError('NOT_SUPPORTED', 'the TPM backend encrypts with AES-CFB keys and RSA-OAEP public keys');
     if ((options.algorithm ?? 'RSA-OAEP') !== 'RSA-OAEP') throw new SealError('NOT_SUPPORTED', 'RSA keys encrypt with RSA-OAEP');
     const hash = (options.hash ?? 'SHA-1').replace('-', '').toLowerCase();
     const key = createPublicKey({ key: this.#p.spki, format: 'der', type: 'spki' });
@@ -210,7 +234,8 @@ export class Tpm2Key implements KeyHandle, Loadable {
 
   async decrypt(data: Buffer, options: EncryptOptions = {}): Promise<Buffer> {
     this.#require('decrypt');
-    if (this.algorithm.name !== 'RSA') throw new SealError('NOT_SUPPORTED', 'the TPM backend decrypts with RSA-OAEP keys only');
+    if (this.algorithm.name === 'AES') return (await this.#aesCfb(data, true, options)).ciphertext;
+    if (this.algorithm.name !== 'RSA') throw new SealError('NOT_SUPPORTED', 'the TPM backend decrypts with AES-CFB and RSA-OAEP keys');
     if ((options.algorithm ?? 'RSA-OAEP') !== 'RSA-OAEP') throw new SealError('NOT_SUPPORTED', 'RSA keys decrypt with RSA-OAEP');
     const hash = options.hash ?? 'SHA-1';
     if (data.length !== 256) throw new SealError('INVALID_ARGUMENT', 'RSA-2048 ciphertext must be 256 bytes');
@@ -257,6 +282,7 @@ export class Tpm2Key implements KeyHandle, Loadable {
   }
 
   async wrapKey(): Promise<Buffer> {
+    this.#require('wrapKey');
     throw new SealError('EXPORT_REFUSED', 'TPM keys are fixedTPM|fixedParent: they cannot be wrapped out');
   }
 
