@@ -78,6 +78,24 @@ export async function concurrent(seconds: number, inFlight: number, op: () => Pr
   return { ops: lat.length - failures, seconds: secs, opsPerSecond: (lat.length - failures) / secs, p50Ms: percentile(lat, 50), p99Ms: percentile(lat, 99), eventLoopP99Ms: loop.percentile(99) / 1e6, failures };
 }
 
+/** Several rounds of one measurement as one: ops and seconds summed; latencies and loop delay: the worst round. */
+export function merge(parts: readonly Measurement[]): Measurement {
+  const ops = parts.reduce((a, p) => a + p.ops, 0);
+  const seconds = parts.reduce((a, p) => a + p.seconds, 0);
+  const worst = (k: 'p50Ms' | 'p99Ms' | 'eventLoopP99Ms'): number | undefined => {
+    const v = parts.map((p) => p[k]).filter((x): x is number => x !== undefined);
+    return v.length ? Math.max(...v) : undefined;
+  };
+  const failures = parts.reduce((a, p) => a + (p.failures ?? 0), 0);
+  const out: Measurement = { ops, seconds, opsPerSecond: ops / seconds };
+  for (const k of ['p50Ms', 'p99Ms', 'eventLoopP99Ms'] as const) {
+    const w = worst(k);
+    if (w !== undefined) out[k] = w;
+  }
+  if (parts.some((p) => p.failures !== undefined)) out.failures = failures;
+  return out;
+}
+
 export function fromCount(ops: number, seconds: number): Measurement {
   return { ops, seconds, opsPerSecond: ops / seconds };
 }
