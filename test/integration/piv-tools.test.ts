@@ -26,6 +26,7 @@ import { mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { requireEnv } from '../helpers/env.js';
+import { openEnvironment } from '../../src/index.js';
 import { openVirtualPivCard } from '../sim/cards/piv-card.js';
 
 const OPENSC_MODULE = '/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so';
@@ -320,6 +321,22 @@ describe('virtual PIV card through pcscd, seen by yubico-piv-tool, OpenSC and op
     // and a signature over another digest does not verify
     writeFileSync(digestFile, randomBytes(32));
     expect(run('openssl', ['pkeyutl', '-verify', '-pubin', '-keyform', 'DER', '-inkey', pubFile, '-in', digestFile, '-sigfile', sigFile]).status).not.toBe(0);
+
+    // a signature made through seal-bridge verifies with openssl against the key OpenSC read
+    const env = await openEnvironment(requireEnv('SEAL_PIV_URI'));
+    try {
+      const message = randomBytes(200);
+      const messageFile = join(work, 'message.bin');
+      const sealSig = join(work, 'seal-sig-9a.der');
+      writeFileSync(messageFile, message);
+      writeFileSync(sealSig, await (await env.getKey('9a')).sign(message));
+      const pem = join(work, 'opensc-pub-9a.pem');
+      writeFileSync(pem, createPublicKey({ key: readFileSync(pubFile), format: 'der', type: 'spki' }).export({ format: 'pem', type: 'spki' }));
+      const ok = run('openssl', ['dgst', '-sha256', '-verify', pem, '-signature', sealSig, messageFile]);
+      expect(ok.out.trim()).toBe('Verified OK');
+    } finally {
+      await env.close();
+    }
   });
 
   it('attests 9A: the certificate carries the slot public key and verifies under the F9 attestation certificate', () => {
