@@ -11,10 +11,8 @@
  * A process without libpcsclite (or without the built shim) gets a reason instead of a crash,
  * and only a process that opens a PC/SC transport loads the shim at all.
  */
-import { existsSync } from 'node:fs';
-import { createRequire } from 'node:module';
 import path from 'node:path';
-import { findPackageRoot } from '../../core/package-root.js';
+import { shimLoader } from '../../core/native-shim.js';
 
 /** Constants of pcsc-lite's pcsclite.h (the subset the transport uses). */
 export const SCARD = {
@@ -152,27 +150,9 @@ export interface PcscShim {
   Context: new () => PcscContext;
 }
 
-const SHIM_RELATIVE = path.join('native-shims', 'pcsc', 'build', 'Release', 'pcsc_lite.node');
-let shim: PcscShim | undefined;
-let reason: string | undefined;
-
 /** The shim, or a thrown Error saying why it cannot be used. */
-export function loadPcscShim(): PcscShim {
-  if (shim) return shim;
-  if (reason === undefined) {
-    const root = findPackageRoot();
-    const file = root === undefined ? undefined : path.join(root, SHIM_RELATIVE);
-    if (file === undefined) reason = 'seal-bridge package root not found';
-    else if (!existsSync(file)) {
-      reason = 'the PC/SC shim is not built: install libpcsclite-dev (Debian) and run `node scripts/build-shims.mjs`';
-    } else {
-      try {
-        shim = createRequire(import.meta.url)(file) as PcscShim;
-        return shim;
-      } catch (e) {
-        reason = `the PC/SC shim does not load (is libpcsclite installed?): ${e instanceof Error ? e.message : String(e)}`;
-      }
-    }
-  }
-  throw new Error(reason);
-}
+export const loadPcscShim = shimLoader<PcscShim>({
+  relative: path.join('native-shims', 'pcsc', 'build', 'Release', 'pcsc_lite.node'),
+  notBuilt: 'the PC/SC shim is not built: install libpcsclite-dev (Debian) and run `node scripts/build-shims.mjs`',
+  loadHint: 'the PC/SC shim does not load (is libpcsclite installed?)',
+});

@@ -4,10 +4,8 @@
  * queues FIFO behind the previous ones. TPM structures cross as their wire encoding (marshal.ts).
  * A process without libtss2 (or without the built shim) gets a reason instead of a crash.
  */
-import { existsSync } from 'node:fs';
-import { createRequire } from 'node:module';
 import path from 'node:path';
-import { findPackageRoot } from '../../core/package-root.js';
+import { shimLoader } from '../../core/native-shim.js';
 
 /** ESYS_TR values for sessions and hierarchies (tss2_esys.h). */
 export const TR = {
@@ -67,29 +65,13 @@ interface Shim {
   Context: new (tcti: string) => EsysContext;
 }
 
-const SHIM_RELATIVE = path.join('native-shims', 'tpm2', 'build', 'Release', 'tpm2_esys.node');
-let shim: Shim | undefined;
-let reason: string | undefined;
-
 /** The shim, or a thrown Error saying why it cannot be used. */
-export function loadTpmShim(): Shim {
-  if (shim) return shim;
-  if (reason === undefined) {
-    const root = findPackageRoot();
-    const file = root === undefined ? undefined : path.join(root, SHIM_RELATIVE);
-    if (file === undefined) reason = 'seal-bridge package root not found';
-    else if (!existsSync(file)) {
-      reason = 'the TPM shim is not built: install libtss2-dev (Debian) and run `node scripts/build-shims.mjs`';
-    } else {
-      // tpm2-tss logs errors to stderr by default; seal-bridge reports them as typed errors instead
-      process.env.TSS2_LOG ??= 'all+NONE';
-      try {
-        shim = createRequire(import.meta.url)(file) as Shim;
-        return shim;
-      } catch (e) {
-        reason = `the TPM shim does not load (is libtss2-esys installed?): ${e instanceof Error ? e.message : String(e)}`;
-      }
-    }
-  }
-  throw new Error(reason);
-}
+export const loadTpmShim = shimLoader<Shim>({
+  relative: path.join('native-shims', 'tpm2', 'build', 'Release', 'tpm2_esys.node'),
+  notBuilt: 'the TPM shim is not built: install libtss2-dev (Debian) and run `node scripts/build-shims.mjs`',
+  loadHint: 'the TPM shim does not load (is libtss2-esys installed?)',
+  // tpm2-tss logs errors to stderr by default; seal-bridge reports them as typed errors instead
+  before: () => {
+    process.env.TSS2_LOG ??= 'all+NONE';
+  },
+});
