@@ -16,6 +16,7 @@
       ],
       "cflags_cc": ["-Wall", "-Wextra", "-Werror"],
       "libraries": ["-ldl"],
+      "ldflags": ["-Wl,-z,relro", "-Wl,-z,now"],
       "configurations": {
         "Release": {
           "cflags!": ["-O3"],

@@ -48,7 +48,11 @@ export function spkiFromAttributes(a: KeyAlgorithm, attrs: { ecPoint?: Buffer; m
   } else {
     throw new SealError('NOT_SUPPORTED', 'secret keys have no public key');
   }
-  return createPublicKey({ key: jwk, format: 'jwk' }).export({ type: 'spki', format: 'der' });
+  try {
+    return createPublicKey({ key: jwk, format: 'jwk' }).export({ type: 'spki', format: 'der' });
+  } catch (e) {
+    throw new SealError('INVALID_ARGUMENT', 'the public key values do not form a valid key (point not on the curve, or malformed)', { cause: e });
+  }
 }
 
 function stripZeros(b: Buffer): Buffer {
@@ -89,7 +93,11 @@ export function attributesFromSpki(spki: Buffer | string): {
 /** The uncompressed EC point of a peer public key given as SPKI DER/PEM or as a raw point. */
 export function peerPoint(peer: Buffer | string, curve: NamedCurve): Buffer {
   const n = COORD[curve];
-  if (Buffer.isBuffer(peer) && peer.length === 1 + 2 * n && peer[0] === 0x04) return peer;
+  if (Buffer.isBuffer(peer) && peer.length === 1 + 2 * n && peer[0] === 0x04) {
+    // an invalid-curve point never reaches a key agreement: node:crypto checks it lies on the curve
+    spkiFromAttributes({ name: 'ECDH', namedCurve: curve }, { ecPoint: peer });
+    return peer;
+  }
   const parsed = attributesFromSpki(peer);
   if (parsed.algorithm.name !== 'ECDSA' || parsed.algorithm.namedCurve !== curve || !parsed.ecPoint) {
     throw new SealError('INVALID_ARGUMENT', `peer public key is not on ${curve}`);

@@ -149,7 +149,9 @@ export class SealUri {
   }
 
   format(options: FormatOptions = {}): string {
-    const path = this.#path.map(([n, v]) => `${n}=${percentEncode(v, PATH_EXTRA, BINARY_ATTRIBUTES.has(n))}`);
+    const path = this.#path
+      .filter(([n]) => options.includeSecrets || !SECRET_ATTRIBUTES.has(n))
+      .map(([n, v]) => `${n}=${percentEncode(v, PATH_EXTRA, BINARY_ATTRIBUTES.has(n))}`);
     const query = this.#query
       .filter(([n]) => options.includeSecrets || !SECRET_ATTRIBUTES.has(n))
       .map(([n, v]) => `${n}=${percentEncode(v, QUERY_EXTRA, false)}`);

@@ -89,7 +89,9 @@ struct Request {
 };
 
 bool Fail(Napi::Env env, const std::string &msg) {
-  Napi::TypeError::New(env, "pkcs11_kdf.deriveKey: " + msg).ThrowAsJavaScriptException();
+  // A getter or Proxy trap that threw left its exception pending: report that one (a second
+  // napi_throw on top of it is a fatal error that aborts the process).
+  if (!env.IsExceptionPending()) Napi::TypeError::New(env, "pkcs11_kdf.deriveKey: " + msg).ThrowAsJavaScriptException();
   return false;
 }
 bool GetULong(Napi::Env env, Napi::Value v, const char *name, CK_ULONG *out) {

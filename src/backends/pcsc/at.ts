@@ -50,13 +50,21 @@ export const MAX_AT_LINE = 2 * 65538 + 64;
  */
 export class AtLineReader {
   private partial = '';
+  /** After an overlong line: the rest of it, up to its line end, is dropped. */
+  private discarding = false;
 
   push(chunk: Buffer | string): string[] {
     const text = typeof chunk === 'string' ? chunk : chunk.toString('latin1');
     const pieces = (this.partial + text).split(/\r\n|\r|\n/);
     this.partial = pieces.pop() ?? '';
+    if (this.discarding && pieces.length > 0) {
+      pieces.shift();
+      this.discarding = false;
+    }
+    if (this.discarding) this.partial = '';
     if (this.partial.length > MAX_AT_LINE) {
       this.partial = '';
+      this.discarding = true;
       throw new SealError('DEVICE_ERROR', `the modem sent a line longer than ${MAX_AT_LINE} characters`);
     }
     const out: string[] = [];
@@ -71,6 +79,7 @@ export class AtLineReader {
   /** Forgets a partial line (after a timeout, before the next command). */
   reset(): void {
     this.partial = '';
+    this.discarding = false;
   }
 }
 

@@ -269,7 +269,9 @@ export class Pkcs11Environment implements SecureEnvironment {
           try {
             rec = this.#record(s, h);
           } catch (e) {
-            if (e instanceof SealError && e.code === 'NOT_SUPPORTED') continue; // foreign key types are not ours to list
+            // foreign key types are not ours to list; an object whose key material cannot be read
+            // (what a process killed inside C_GenerateKeyPair leaves) must not hide every other key
+            if (e instanceof SealError && (e.code === 'NOT_SUPPORTED' || e.code === 'INVALID_ARGUMENT')) continue;
             throw e;
           }
           if (kind === 'private') privateIds.add(rec.id.toString('hex'));

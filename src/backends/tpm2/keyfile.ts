@@ -40,6 +40,15 @@ export function encodeKeyFile(k: TpmKeyFile): string {
 }
 
 export function decodeKeyFile(pem: string): TpmKeyFile {
+  try {
+    return decodeKeyFileUnchecked(pem);
+  } catch (e) {
+    if (e instanceof SealError) throw e;
+    throw new SealError('INVALID_ARGUMENT', 'malformed TSS2 key file', { cause: e });
+  }
+}
+
+function decodeKeyFileUnchecked(pem: string): TpmKeyFile {
   const m = new RegExp(`-----BEGIN ${PEM_LABEL}-----([A-Za-z0-9+/=\\s]+)-----END ${PEM_LABEL}-----`).exec(pem);
   if (!m?.[1]) throw new SealError('INVALID_ARGUMENT', 'not a TSS2 PRIVATE KEY PEM file');
   const der = Buffer.from(m[1].replace(/\s+/g, ''), 'base64');

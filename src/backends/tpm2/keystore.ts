@@ -87,7 +87,7 @@ export class KeyStore {
       if (!name.endsWith('.json') || name === 'srk.json') continue;
       try {
         const meta = JSON.parse(readFileSync(path.join(this.dir, name), 'utf8')) as StoredObject;
-        if (meta.version === 1 && ID_RE.test(meta.id)) out.push(meta);
+        if (meta?.version === 1 && ID_RE.test(meta.id) && typeof meta.created === 'string') out.push(meta);
       } catch {
         // unreadable metadata is reported by doctor(), not fatal for listing
       }
@@ -112,7 +112,17 @@ export class KeyStore {
     rmSync(this.#file(id, 'pem'), { force: true });
   }
 
-  /** Inconsistencies a crash can leave (key files without metadata, metadata without key file). */
+  /** Whether a metadata file parses as what list() accepts (list() skips the others silently). */
+  #readable(name: string): boolean {
+    try {
+      const meta = JSON.parse(readFileSync(path.join(this.dir, name), 'utf8')) as StoredObject;
+      return meta.version === 1 && ID_RE.test(meta.id);
+    } catch {
+      return false;
+    }
+  }
+
+  /** Inconsistencies a crash can leave (key files without metadata, metadata without key file, unreadable metadata). */
   check(): string[] {
     if (!existsSync(this.dir)) return [];
     const names = new Set(readdirSync(this.dir));
@@ -121,6 +131,7 @@ export class KeyStore {
       if (n.endsWith('.tmp')) problems.push(`${n}: interrupted write (safe to delete)`);
       if (n.endsWith('.pem') && !names.has(n.replace(/\.pem$/, '.json'))) problems.push(`${n}: key file without metadata (orphan; delete it or re-add metadata)`);
       if (n.endsWith('.json') && n !== 'srk.json' && !names.has(n.replace(/\.json$/, '.pem'))) problems.push(`${n}: metadata without key file (delete it)`);
+      else if (n.endsWith('.json') && n !== 'srk.json' && !this.#readable(n)) problems.push(`${n}: metadata unreadable, its key is not listed (delete it and ${n.replace(/\.json$/, '.pem')})`);
     }
     return problems;
   }

@@ -152,10 +152,16 @@ export interface AttestationResult {
 
 function checkSignature(akPublic: KeyObject | Buffer, attest: Buffer, signature: Buffer): void {
   const key = Buffer.isBuffer(akPublic) ? createPublicKey({ key: akPublic, format: 'der', type: 'spki' }) : akPublic;
+  if (key.asymmetricKeyType !== 'ec') throw new SealError('NOT_SUPPORTED', 'only ECDSA attestation keys are supported');
   const sig = decodeSignature(signature);
   if (sig.alg !== 'ecdsa') throw new SealError('NOT_SUPPORTED', 'only ECDSA attestation signatures are verified');
   const n = key.asymmetricKeyDetails?.namedCurve === 'secp384r1' ? 48 : 32;
-  const pad = (b: Buffer): Buffer => (b.length >= n ? b.subarray(b.length - n) : Buffer.concat([Buffer.alloc(n - b.length), b]));
+  const pad = (b: Buffer): Buffer => {
+    let v = b;
+    while (v.length > n && v[0] === 0) v = v.subarray(1);
+    if (v.length > n) throw new SealError('USAGE_NOT_PERMITTED', 'attestation signature does not verify');
+    return Buffer.concat([Buffer.alloc(n - v.length), v]);
+  };
   const der = p1363ToDer(Buffer.concat([pad(sig.r), pad(sig.s)]));
   if (!nodeVerify(nodeHash(sig.hash), attest, key, der)) throw new SealError('USAGE_NOT_PERMITTED', 'attestation signature does not verify');
 }
