@@ -1,5 +1,5 @@
 /**
- * The GSMA IoT SAFE applet (IoT.05; the APDU facts in /work/shared/IOTSAFE.md) over an
+ * The GSMA IoT SAFE applet (GSMA IoT.05, as public implementations of it agree and differ) over an
  * ApduTransport: a logical channel to AID A0 00 00 05 59 00 10, the object list, key-pair
  * generation into an existing container, signatures over a host-computed hash (mode 03,
  * pad-and-sign), public-key reads, COMPUTE DH after PUT PUBLIC KEY, random, file reads.

@@ -1,6 +1,6 @@
 /**
  * A virtual GSMA IoT SAFE applet (AID A0 00 00 05 59 00 10) for the test simulators, following
- * /work/shared/IOTSAFE.md (the APDU facts gathered from the public IoT SAFE implementations).
+ * the APDU layout of GSMA IoT.05 as the public IoT SAFE implementations use it.
  *
  * One applet state (key containers, files, counters) lives in `<stateDir>/state.json`, written
  * atomically (temp file + rename, 0600, directory 0700). Private keys never leave that state: no
