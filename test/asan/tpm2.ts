@@ -9,6 +9,7 @@
 import { createHash } from 'node:crypto';
 import { Driver, Prng, collectGarbage, isBindingError, isRangeError, isTypeError, requireEnv } from './harness.js';
 import { TR, type EsysContext } from '../../src/backends/tpm2/native.js';
+import { srkTemplate } from '../../src/backends/tpm2/connection.js';
 import {
   AES128_CFB,
   ALG,
@@ -36,19 +37,9 @@ const prng = new Prng(0x7e5a);
 const raw = (ctx: EsysContext) => ctx as unknown as Record<string, (...args: unknown[]) => Promise<unknown>>;
 const tpmError = (e: unknown) => e instanceof Error && typeof (e as { rc?: unknown }).rc === 'number';
 
-const storage: PublicArea = {
-  type: 'ecc',
-  nameAlg: ALG.SHA256,
-  attributes: OBJ.fixedTPM | OBJ.fixedParent | OBJ.sensitiveDataOrigin | OBJ.userWithAuth | OBJ.noDA | OBJ.restricted | OBJ.decrypt,
-  authPolicy: Buffer.alloc(0),
-  symmetric: AES128_CFB,
-  scheme: { alg: ALG.NULL },
-  curve: CURVE['P-256'],
-  kdf: { alg: ALG.NULL },
-  x: Buffer.alloc(0),
-  y: Buffer.alloc(0),
-};
-const signing: PublicArea = { ...storage, attributes: OBJ.fixedTPM | OBJ.fixedParent | OBJ.sensitiveDataOrigin | OBJ.userWithAuth | OBJ.noDA | OBJ.sign, symmetric: SYM_NULL, scheme: { alg: ALG.ECDSA, hash: ALG.SHA256 } };
+// the storage key template the backend itself uses (TCG provisioning template, noDA)
+const storage = srkTemplate();
+const signing: PublicArea = { ...storage, attributes: OBJ.fixedTPM | OBJ.fixedParent | OBJ.sensitiveDataOrigin | OBJ.userWithAuth | OBJ.noDA | OBJ.sign, symmetric: SYM_NULL, scheme: { alg: ALG.ECDSA, hash: ALG.SHA256 }, x: Buffer.alloc(0), y: Buffer.alloc(0) };
 
 /** Every truncation, one extra byte, and `mutations` random mutations of a valid encoding. */
 function variants(valid: Buffer, mutations: number): Buffer[] {

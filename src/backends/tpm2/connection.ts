@@ -19,6 +19,7 @@ import {
   CURVE,
   OBJ,
   SYM_NULL,
+  decodeHandles,
   decodeProperties,
   decodePublic,
   encodePublic,
@@ -39,7 +40,7 @@ const CAP_HANDLES = 1;
 const PT_VAR = { LOCKOUT_COUNTER: 0x20e, MAX_AUTH_FAIL: 0x20f, LOCKOUT_INTERVAL: 0x210, LOCKOUT_RECOVERY: 0x211 } as const;
 
 /** The ECC P-256 storage key template of the TCG provisioning guidance, with noDA. */
-export function srkTemplate(): PublicArea {
+export function srkTemplate(): Extract<PublicArea, { type: 'ecc' }> {
   return {
     type: 'ecc',
     nameAlg: ALG.SHA256,
@@ -442,7 +443,6 @@ export class TpmConnection {
   /** Reads TPM handles of a class (e.g. 0x80 transient) — for tests and `doctor`. */
   async handles(first: number): Promise<number[]> {
     return this.run('list handles', async (ctx) => {
-      const { decodeHandles } = await import('./marshal.js');
       return decodeHandles((await ctx.getCapability(CAP_HANDLES, first, 64)).data);
     });
   }
@@ -467,7 +467,6 @@ export function nameOfPublic(tpm2bPublic: Buffer): Buffer {
 
 /** Flushes every transient object and session in the TPM (exclusive use only). */
 async function flushStale(ctx: EsysContext): Promise<void> {
-  const { decodeHandles } = await import('./marshal.js');
   for (const first of [0x80000000, 0x02000000, 0x03000000]) {
     const handles = decodeHandles((await ctx.getCapability(CAP_HANDLES, first, 64)).data).filter((h) => h >>> 24 === first >>> 24);
     for (const h of handles) {
