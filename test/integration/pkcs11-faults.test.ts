@@ -28,6 +28,7 @@ interface Pool {
   lib: PKCS11;
   slot: Handle;
   stats: { logins: number; retries: number; timeouts: number; sessionsSetAside: number; reinitializations: number };
+  workerStats: { threadsAbandoned: number; batches: number; items: number } | undefined;
 }
 const poolOf = (env: SecureEnvironment): Pool => (env as unknown as { pool: Pool }).pool;
 
@@ -84,10 +85,11 @@ afterAll(async () => {
   const totals = [...proxy.counts().values()].reduce((a, c) => ({ failed: a.failed + c.failed, hung: a.hung + c.hung, delayed: a.delayed + c.delayed }), { failed: 0, hung: 0, delayed: 0 });
   await key?.destroy().catch(() => undefined);
   const stats = env ? poolOf(env).stats : undefined;
+  const threads = env ? poolOf(env).workerStats : undefined;
   await env?.close();
   console.log(`faults: ${figures.cases} cases, ${totals.failed + totals.hung} faults injected by the proxy (${totals.failed} CKR_* failures, ${totals.hung} held calls) and ${totals.delayed} delayed calls`);
-  console.log(`faults: ${figures.absorbed} absorbed without the caller noticing, ${figures.surfaced} surfaced as exactly one typed error, ${figures.timeouts} TIMEOUTs within ${TIMEOUT_MS}+${SLACK_MS} ms, ${figures.refusedFast} refused fast while calls were stuck`);
-  if (stats) console.log(`faults: main pool: ${stats.retries} transparent retries, ${stats.logins} logins, ${stats.reinitializations} re-initializations, ${stats.timeouts} timeouts, ${stats.sessionsSetAside} sessions set aside`);
+  console.log(`faults: ${figures.absorbed} absorbed without the caller noticing, ${figures.surfaced} surfaced as exactly one typed error, ${figures.timeouts} TIMEOUTs within 2×${TIMEOUT_MS}+${SLACK_MS} ms, ${figures.refusedFast} refused fast while calls were stuck`);
+  if (stats) console.log(`faults: main pool: ${stats.retries} transparent retries, ${stats.logins} logins, ${stats.reinitializations} re-initializations, ${stats.timeouts} timeouts, ${stats.sessionsSetAside} sessions set aside${threads ? `; worker threads: ${threads.items} operations in ${threads.batches} batches, ${threads.threadsAbandoned} abandoned on a hung call` : ''}`);
   proxy.dispose();
 });
 
@@ -307,23 +309,24 @@ describe('a rejected PIN', () => {
 });
 
 describe('hung and slow calls', () => {
-  it('C_Sign hung: TIMEOUT within the bound, the next sign works on another session, the hung one is closed when it returns', async () => {
+  it('C_Sign hung: TIMEOUT within twice the bound, the next sign works on another thread and session, the hung one is closed when it returns', async () => {
     figures.cases++;
     const pool = poolOf(env);
-    const setAside = pool.stats.sessionsSetAside;
+    const abandoned = pool.workerStats!.threadsAbandoned;
     proxy.rules('C_Sign hang count=1');
     const before = proxy.counts();
     const t0 = performance.now();
     const e = await expectSealError(key.sign(randomBytes(16)), 'TIMEOUT');
     const elapsed = performance.now() - t0;
+    // the worker pool checks a batch's progress every call-timeout-ms: noticed within twice that
     expect(elapsed).toBeGreaterThanOrEqual(TIMEOUT_MS - 5);
-    expect(elapsed).toBeLessThan(TIMEOUT_MS + SLACK_MS);
+    expect(elapsed).toBeLessThan(2 * TIMEOUT_MS + SLACK_MS);
     expect(e.message).toContain(`did not answer within ${TIMEOUT_MS} ms`);
     // still held inside the proxy while the next sign runs
     await signVerified();
     expect(proxy.count('C_Sign').active).toBe(1);
     expect(calls(before, 'C_Sign')).toBe(2);
-    expect(pool.stats.sessionsSetAside).toBe(setAside + 1);
+    expect(pool.workerStats!.threadsAbandoned).toBe(abandoned + 1);
     const closes = proxy.count('C_CloseSession').calls;
     proxy.rules(); // release: the late answer arrives and its session is closed, not reused
     await proxy.settled();
@@ -376,8 +379,10 @@ describe('a device that fails everything', () => {
     await expectSealError(key.sign(randomBytes(16)), expected, ckr);
     const first = proxy.deltaSince(before);
     const total = (d: Record<string, number>): number => Object.values(d).reduce((a, b) => a + b, 0);
-    // the operation is tried once; the rebuild (closing what was open, reopening) once
-    expect(first.C_SignInit).toBe(1);
+    // the operation is tried once (a worker thread without a session fails at opening one); the
+    // rebuild (closing what was open, reopening) once
+    expect(first.C_SignInit ?? 0).toBeLessThanOrEqual(1);
+    expect((first.C_SignInit ?? 0) + (first.C_OpenSession ?? 0)).toBeGreaterThanOrEqual(1);
     expect(first.C_Sign ?? 0).toBe(0);
     expect(first.C_Login ?? 0).toBe(0);
     expect(first.C_Initialize ?? 0).toBeLessThanOrEqual(2);

@@ -7,7 +7,9 @@
  *
  * Query attributes beyond RFC 7512: `max-sessions` (1..256, default 8), `call-timeout-ms` (how
  * long one asynchronous module call may take before TIMEOUT, default 30000; key generation gets
- * ten times that, at least a minute), `protection-level` (an override, with a warning).
+ * ten times that, at least a minute), `workers` (threads for sign/verify/encrypt/decrypt, 0..16,
+ * default one per core up to 4; 0 runs them on the pool's sessions), `protection-level` (an
+ * override, with a warning).
  */
 import type { Handle } from 'pkcs11js';
 import { SealError } from '../../core/errors.js';
@@ -19,6 +21,7 @@ import { EMBEDDED_TOKEN_LABEL, prepareEmbedded } from './embedded.js';
 import { mapPkcs11Error } from './errors.js';
 import { LoadedModule } from './module.js';
 import { DEFAULT_CALL_TIMEOUT_MS, SessionPool } from './session-pool.js';
+import { defaultWorkerCount } from './workers.js';
 
 export { PKCS11_MECHANISM_ROWS } from './mechanisms.js';
 export { Pkcs11Environment } from './environment.js';
@@ -26,7 +29,7 @@ export { sealHome, EMBEDDED_TOKEN_LABEL } from './embedded.js';
 
 const DEFAULT_MAX_SESSIONS = 8;
 const KNOWN_PATH = new Set(['token', 'manufacturer', 'serial', 'model', 'object', 'id', 'type', 'library-manufacturer', 'library-description', 'library-version', 'slot-description', 'slot-manufacturer', 'slot-id']);
-const KNOWN_QUERY = new Set(['module-path', 'module-name', 'pin-source', 'pin-value', 'protection-level', 'max-sessions', 'call-timeout-ms']);
+const KNOWN_QUERY = new Set(['module-path', 'module-name', 'pin-source', 'pin-value', 'protection-level', 'max-sessions', 'call-timeout-ms', 'workers']);
 const MAX_CALL_TIMEOUT_MS = 24 * 3600 * 1000;
 
 function checkAttributes(uri: SealUri): void {
@@ -101,13 +104,24 @@ async function open(uri: SealUri, options: OpenOptions): Promise<SecureEnvironme
     const timeoutQuery = uri.query('call-timeout-ms') ?? String(DEFAULT_CALL_TIMEOUT_MS);
     const callTimeoutMs = /^\d{1,9}$/.test(timeoutQuery) ? Number(timeoutQuery) : NaN;
     if (!(callTimeoutMs >= 1 && callTimeoutMs <= MAX_CALL_TIMEOUT_MS)) throw new SealError('INVALID_URI', `call-timeout-ms must be 1..${MAX_CALL_TIMEOUT_MS}`);
+    const workersQuery = uri.query('workers');
+    let workers = workersQuery !== undefined ? (/^\d{1,2}$/.test(workersQuery) ? Number(workersQuery) : NaN) : defaultWorkerCount();
+    if (!(workers >= 0 && workers <= 16)) throw new SealError('INVALID_URI', 'workers must be 0..16');
+    // a token that limits sessions: the anchor, at least one pooled session, then the threads
+    let poolSessions = maxSessions;
+    if (tokenInfo.maxSessionCount > 0) {
+      const room = Math.max(1, tokenInfo.maxSessionCount - 1);
+      workers = Math.min(workers, Math.floor(room / 2));
+      poolSessions = Math.max(1, Math.min(maxSessions, room - workers));
+    }
     pool = new SessionPool({
       module,
       findSlot: () => findSlot(module, uri),
       // asked once; the same PIN serves re-logins after a lost session (never a different guess)
       pin: async () => (pin ??= await resolvePin(pinUri, `token '${label}'`, options)),
-      maxSessions: tokenInfo.maxSessionCount > 0 ? Math.min(maxSessions, tokenInfo.maxSessionCount - 1 || 1) : maxSessions,
+      maxSessions: poolSessions,
       callTimeoutMs,
+      workers,
       what: `token '${label}'`,
     });
     await pool.ready();

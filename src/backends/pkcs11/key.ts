@@ -22,6 +22,11 @@ import type {
 import { CK, DIGEST_INFO, HASH_MECH, HMAC_MECH } from './mechanisms.js';
 import { peerPoint } from '../../core/public-key.js';
 import type { Pkcs11Environment } from './environment.js';
+import type { WorkOp } from './worker-protocol.js';
+
+const ECDSA: Mechanism = { mechanism: pkcs11.CKM_ECDSA };
+const EDDSA: Mechanism = { mechanism: CK.CKM_EDDSA };
+const RSA_PKCS: Mechanism = { mechanism: pkcs11.CKM_RSA_PKCS };
 
 /** Largest input sent to the module in one single-part call. */
 export const MAX_MODULE_INPUT = 16 * 1024 * 1024;
@@ -124,57 +129,61 @@ export class Pkcs11Key implements KeyHandle {
     return this.#env.pool.run(`${what} with ${this.#rec.label}`, async (s) => fn(s, await this.objectHandle(s)), { idempotent });
   }
 
+  /**
+   * A single-part operation with this key (sign, verify, encrypt, decrypt): the session pool runs
+   * it on a worker thread, or on a borrowed session when it has none.
+   */
+  #work(what: string, op: WorkOp, mechanism: Mechanism, input: Buffer, outputLength: number, signature?: Buffer): Promise<Buffer | boolean> {
+    const pool = this.#env.pool;
+    return pool.work(
+      `${what} with ${this.#rec.label}`,
+      async (s) => ({ op, mechanism, input, outputLength, ...(signature ? { signature } : {}), key: s ? await this.objectHandle(s) : await this.#lookUp() }),
+      { idempotent: true },
+    );
+  }
+
+  async #workBytes(what: string, op: WorkOp, mechanism: Mechanism, input: Buffer, outputLength: number): Promise<Buffer> {
+    return (await this.#work(what, op, mechanism, input, outputLength)) as Buffer;
+  }
+
+  /** The object handle, looked up on a pool session when the cached one is stale. */
+  async #lookUp(): Promise<Handle> {
+    if (this.#handle && this.#handle.epoch === this.#env.pool.epoch) return this.#handle.handle;
+    return this.#env.pool.run(`look up ${this.#rec.label}`, (s) => this.objectHandle(s), { idempotent: true });
+  }
+
   async sign(data: Buffer, options: SignOptions = {}): Promise<Buffer> {
     this.#need('sign', 'signing');
     const a = this.#rec.algorithm;
-    const lib = this.#env.pool.lib;
     switch (a.name) {
       case 'ECDSA': {
         checkInput(data, 'data', Number.MAX_SAFE_INTEGER);
         const hash = options.hash ?? defaultHash(a);
         const digest = createHash(HASH_MECH[hash].node).update(data).digest();
         const n = a.namedCurve === 'P-256' ? 32 : 48;
-        const raw = await this.#withKey('ECDSA sign', (s, h) => {
-          lib.C_SignInit(s, { mechanism: pkcs11.CKM_ECDSA }, h);
-          return lib.C_SignAsync(s, digest, Buffer.alloc(2 * n));
-        });
+        const raw = await this.#workBytes('ECDSA sign', 'sign', ECDSA, digest, 2 * n);
         return options.format === 'p1363' ? raw : p1363ToDer(raw);
       }
       case 'Ed25519':
         checkInput(data, 'data');
-        return this.#withKey('Ed25519 sign', (s, h) => {
-          lib.C_SignInit(s, { mechanism: CK.CKM_EDDSA }, h);
-          return lib.C_SignAsync(s, data, Buffer.alloc(64));
-        });
+        return this.#workBytes('Ed25519 sign', 'sign', EDDSA, data, 64);
       case 'RSA': {
         checkInput(data, 'data', Number.MAX_SAFE_INTEGER);
         const hash = options.hash ?? 'SHA-256';
         const digest = createHash(HASH_MECH[hash].node).update(data).digest();
-        const out = Buffer.alloc(a.modulusLength / 8);
+        const size = a.modulusLength / 8;
         if (options.scheme === 'RSA-PSS') {
           const mech: Mechanism = {
             mechanism: pkcs11.CKM_RSA_PKCS_PSS,
             parameter: { type: pkcs11.CK_PARAMS_RSA_PSS, hashAlg: HASH_MECH[hash].mech, mgf: HASH_MECH[hash].mgf, saltLen: options.saltLength ?? HASH_MECH[hash].size } as pkcs11.RsaPSS,
           };
-          return this.#withKey('RSA-PSS sign', (s, h) => {
-            lib.C_SignInit(s, mech, h);
-            return lib.C_SignAsync(s, digest, out);
-          });
+          return this.#workBytes('RSA-PSS sign', 'sign', mech, digest, size);
         }
-        const input = Buffer.concat([DIGEST_INFO[hash], digest]);
-        return this.#withKey('RSA PKCS#1 sign', (s, h) => {
-          lib.C_SignInit(s, { mechanism: pkcs11.CKM_RSA_PKCS }, h);
-          return lib.C_SignAsync(s, input, out);
-        });
+        return this.#workBytes('RSA PKCS#1 sign', 'sign', RSA_PKCS, Buffer.concat([DIGEST_INFO[hash], digest]), size);
       }
-      case 'HMAC': {
+      case 'HMAC':
         checkInput(data, 'data');
-        const mech = HMAC_MECH[a.hash];
-        return this.#withKey('HMAC', (s, h) => {
-          lib.C_SignInit(s, { mechanism: mech }, h);
-          return lib.C_SignAsync(s, data, Buffer.alloc(64));
-        });
-      }
+        return this.#workBytes('HMAC', 'sign', { mechanism: HMAC_MECH[a.hash] }, data, 64);
       default:
         throw new SealError('USAGE_NOT_PERMITTED', `${a.name} keys do not sign`);
     }
@@ -191,13 +200,8 @@ export class Pkcs11Key implements KeyHandle {
     const a = this.#rec.algorithm;
     if (a.name === 'HMAC') {
       checkInput(data, 'data');
-      const lib = this.#env.pool.lib;
-      const mech = HMAC_MECH[a.hash];
       try {
-        return await this.#withKey('HMAC verify', (s, h) => {
-          lib.C_VerifyInit(s, { mechanism: mech }, h);
-          return lib.C_VerifyAsync(s, data, signature);
-        });
+        return (await this.#work('HMAC verify', 'verify', { mechanism: HMAC_MECH[a.hash] }, data, 0, signature)) as boolean;
       } catch (e) {
         if (e instanceof SealError && (e.backendCode === 'CKR_SIGNATURE_INVALID' || e.backendCode === 'CKR_SIGNATURE_LEN_RANGE')) return false;
         throw e;
@@ -242,12 +246,7 @@ export class Pkcs11Key implements KeyHandle {
     if (a.name === 'AES') {
       if ((options.algorithm ?? 'AES-GCM') !== 'AES-GCM') throw new SealError('NOT_SUPPORTED', 'AES keys encrypt with AES-GCM');
       const iv = options.iv ?? randomBytes(12);
-      const mech = this.#gcm(iv, options);
-      const lib = this.#env.pool.lib;
-      const ciphertext = await this.#withKey('AES-GCM encrypt', (s, h) => {
-        lib.C_EncryptInit(s, mech, h);
-        return lib.C_EncryptAsync(s, data, Buffer.alloc(data.length + 16));
-      });
+      const ciphertext = await this.#workBytes('AES-GCM encrypt', 'encrypt', this.#gcm(iv, options), data, data.length + 16);
       return { ciphertext, iv };
     }
     if (a.name === 'RSA') {
@@ -282,7 +281,6 @@ export class Pkcs11Key implements KeyHandle {
     this.#need('decrypt', 'decryption');
     checkInput(data, 'ciphertext');
     const a = this.#rec.algorithm;
-    const lib = this.#env.pool.lib;
     let mech: Mechanism;
     let outLen: number;
     if (a.name === 'AES') {
@@ -302,10 +300,7 @@ export class Pkcs11Key implements KeyHandle {
       throw new SealError('USAGE_NOT_PERMITTED', `${a.name} keys do not decrypt`);
     }
     try {
-      return await this.#withKey('decrypt', (s, h) => {
-        lib.C_DecryptInit(s, mech, h);
-        return lib.C_DecryptAsync(s, data, Buffer.alloc(outLen));
-      });
+      return await this.#workBytes('decrypt', 'decrypt', mech, data, outLen);
     } catch (e) {
       // SoftHSM 2.6 answers a failed GCM tag check or OAEP decoding with CKR_GENERAL_ERROR
       const gcmRefusal = e instanceof SealError && e.backendCode === 'CKR_GENERAL_ERROR';

@@ -95,6 +95,10 @@ export class LoadedModule {
     this.#initialize();
   }
 
+  get libraryParameters(): string | undefined {
+    return this.#options.libraryParameters;
+  }
+
   /** Calls that timed out and have not returned yet (each holds a libuv worker thread). */
   get stuckCalls(): number {
     return this.#stuck;

@@ -17,6 +17,10 @@
  * is remembered and never tried again: every later call fails with the same error until the
  * environment is reopened.
  *
+ * Single-part operations (sign, verify, encrypt, decrypt) go to worker threads that own sessions
+ * of their own (workers.ts): Init and operation run there, off the event loop, in batches under
+ * load. With `workers: 0` they run here like everything else.
+ *
  * Timeouts: pkcs11js runs the operation itself (C_Sign, C_Decrypt, key generation, …) on a libuv
  * worker thread, so the pool can stop waiting for it. After `callTimeoutMs` the caller gets
  * TIMEOUT; PKCS#11 has no way to cancel, so the session is set aside (never reused, closed once
@@ -32,6 +36,7 @@ import type { Handle } from 'pkcs11js';
 import { SealError } from '../../core/errors.js';
 import { ckrOf, HANDLE_SUSPECT, mapPkcs11Error, SESSION_FATAL } from './errors.js';
 import type { LoadedModule } from './module.js';
+import { WorkerPool, type WorkRequest } from './workers.js';
 
 export interface SessionPoolOptions {
   module: LoadedModule;
@@ -44,6 +49,8 @@ export interface SessionPoolOptions {
   callTimeoutMs: number;
   /** Name of the token for messages. */
   what: string;
+  /** Worker threads for single-part operations (0: run them on pool sessions). */
+  workers: number;
 }
 
 /** Default bound on one module call (URI query `call-timeout-ms`). */
@@ -92,9 +99,27 @@ export class SessionPool {
   /** Counters for doctor/tests: recoveries performed. */
   readonly stats = { sessionsOpened: 0, sessionsDiscarded: 0, logins: 0, recoveries: 0, reinitializations: 0, retries: 0, timeouts: 0, sessionsSetAside: 0 };
 
+  readonly #workers: WorkerPool | undefined;
+
   constructor(options: SessionPoolOptions) {
     this.#o = options;
     this.#generation = options.module.generation;
+    if (options.workers > 0) {
+      const lp = options.module.libraryParameters;
+      this.#workers = new WorkerPool({
+        module: options.module,
+        ...(lp ? { libraryParameters: lp } : {}),
+        slot: () => this.slot,
+        size: options.workers,
+        callTimeoutMs: options.callTimeoutMs,
+        what: options.what,
+      });
+    }
+  }
+
+  /** Counters of the worker threads, if any. */
+  get workerStats(): WorkerPool['stats'] | undefined {
+    return this.#workers?.stats;
   }
 
   get lib(): pkcs11.PKCS11 {
@@ -205,6 +230,7 @@ export class SessionPool {
   }
 
   #dropIdle(): void {
+    this.#workers?.dropSessions();
     for (const s of this.#idle) this.#close(s);
     this.#open -= this.#idle.length;
     this.#idle = [];
@@ -399,6 +425,31 @@ export class SessionPool {
     }
   }
 
+  /**
+   * A single-part operation: on a worker thread when there are any, else on a borrowed session.
+   * `build` makes the request (again for a repeat: object handles may have been looked up anew);
+   * it gets the borrowed session when there is one. Recovery and repeats as in run().
+   */
+  async work(what: string, build: (session?: Handle) => WorkRequest | Promise<WorkRequest>, options: RunOptions = {}): Promise<Buffer | boolean> {
+    const workers = this.#workers;
+    if (!workers) return this.run(what, async (s) => runHere(this.lib, s, await build(s)), options);
+    for (let attempt = 0; ; attempt++) {
+      this.#checkStuck(what);
+      await this.ready();
+      try {
+        return await workers.submit(await build());
+      } catch (e) {
+        if (e instanceof SealError && (e.code === 'TIMEOUT' || e.code === 'CLOSED')) throw e;
+        const fatal = this.#onFailure(e);
+        if (fatal && options.idempotent && attempt === 0) {
+          this.stats.retries++;
+          continue;
+        }
+        throw mapPkcs11Error(e, what);
+      }
+    }
+  }
+
   #runAnchored<T>(what: string, fn: (session: Handle) => T | Promise<T>, options: RunOptions): Promise<T> {
     const ms = this.#timeoutFor(options);
     const next = this.#anchorQueue.then(async () => {
@@ -443,6 +494,32 @@ export class SessionPool {
     if (this.#closed) return;
     this.#closed = true;
     for (const w of this.#waiters.splice(0)) w(new SealError('CLOSED', `environment ${this.#o.what} is closed`));
+    await this.#workers?.close();
     this.#dropAll(false);
+  }
+}
+
+/**
+ * An empty message as a zero-length view of a real allocation: a zero-length Buffer may carry a
+ * NULL data pointer, which modules refuse as CKR_ARGUMENTS_BAD. (worker.ts does the same.)
+ */
+const EMPTY = Buffer.alloc(1).subarray(0, 0);
+const nonNull = (b: Buffer): Buffer => (b.length === 0 ? EMPTY : b);
+
+/** A request on a session of this thread: Init here, the operation on a libuv thread. */
+async function runHere(lib: pkcs11.PKCS11, s: Handle, r: WorkRequest): Promise<Buffer | boolean> {
+  switch (r.op) {
+    case 'sign':
+      lib.C_SignInit(s, r.mechanism, r.key);
+      return lib.C_SignAsync(s, nonNull(r.input), Buffer.alloc(r.outputLength));
+    case 'verify':
+      lib.C_VerifyInit(s, r.mechanism, r.key);
+      return lib.C_VerifyAsync(s, nonNull(r.input), r.signature ?? EMPTY);
+    case 'encrypt':
+      lib.C_EncryptInit(s, r.mechanism, r.key);
+      return lib.C_EncryptAsync(s, nonNull(r.input), Buffer.alloc(r.outputLength));
+    case 'decrypt':
+      lib.C_DecryptInit(s, r.mechanism, r.key);
+      return lib.C_DecryptAsync(s, r.input, Buffer.alloc(r.outputLength));
   }
 }
