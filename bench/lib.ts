@@ -26,6 +26,8 @@ export interface Row {
   ratio?: number;
   target?: number;
   note?: string;
+  /** Memory cases: resident-set growth. */
+  growthMiB?: number;
 }
 
 function percentile(sorted: number[], p: number): number {

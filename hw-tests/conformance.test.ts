@@ -890,9 +890,11 @@ if (URIS.length === 0) {
       if (!can('ECDSA P-256', 'generate')) ctx.skip(true, 'ECDSA P-256 keys are not offered');
       const key = await generate('nosign', { name: 'ECDSA', namedCurve: 'P-256' }, ['verify']);
       expect(key.usages).not.toContain('sign');
-      const lib = scheme === 'pkcs11' ? (env as unknown as { pool: { lib: PKCS11 } }).pool.lib : undefined;
-      const signer = lib ? await generate('signer', { name: 'ECDSA', namedCurve: 'P-256' }, ['sign']) : undefined;
-      const spy = lib ? vi.spyOn(lib, 'C_SignInit') : undefined;
+      // PKCS#11: every single-part operation reaches the module through the session pool's work()
+      // (on a worker thread, or on a pooled session with workers=0)
+      const pool = scheme === 'pkcs11' ? (env as unknown as { pool: { work: (...a: unknown[]) => Promise<unknown> } }).pool : undefined;
+      const signer = pool ? await generate('signer', { name: 'ECDSA', namedCurve: 'P-256' }, ['sign']) : undefined;
+      const spy = pool ? vi.spyOn(pool, 'work') : undefined;
       try {
         await expectSealError(key.sign(data), 'USAGE_NOT_PERMITTED');
         if (spy && signer) {

@@ -1,6 +1,6 @@
 /**
  * Encodings shared by every backend: PEM armour, ECDSA signatures between IEEE P1363 (r‖s) and
- * DER (RFC 3279 Ecdsa-Sig-Value, through @peculiar/asn1-ecc).
+ * DER (RFC 3279 Ecdsa-Sig-Value; parsed through @peculiar/asn1-ecc).
  */
 import { AsnConvert } from '@peculiar/asn1-schema';
 import { ECDSASigValue } from '@peculiar/asn1-ecc';
@@ -11,20 +11,28 @@ export function toPem(der: Buffer, label = 'PUBLIC KEY'): string {
   return `-----BEGIN ${label}-----\n${b64}\n-----END ${label}-----\n`;
 }
 
-function unsigned(b: Buffer): ArrayBuffer {
-  // INTEGER is signed: prefix 0x00 when the top bit is set, drop redundant leading zeros
+/** A DER INTEGER's content for an unsigned big-endian value: no redundant zeros, 0x00 before a set top bit. */
+function integerContent(b: Buffer): Buffer {
   let i = 0;
-  while (i < b.length - 1 && b[i] === 0 && (b[i + 1]! & 0x80) === 0) i++;
+  while (i < b.length - 1 && b[i] === 0) i++;
   const v = b.subarray(i);
-  const out = v[0]! & 0x80 ? Buffer.concat([Buffer.from([0]), v]) : Buffer.from(v);
-  return out.buffer.slice(out.byteOffset, out.byteOffset + out.length) as ArrayBuffer;
+  return v[0]! & 0x80 ? Buffer.concat([ZERO, v]) : v;
 }
+const ZERO = Buffer.from([0]);
 
+/**
+ * r‖s → DER Ecdsa-Sig-Value. Written out rather than built through the ASN.1 library because it
+ * runs once per signature on the event loop: two INTEGERs in a SEQUENCE (unit tests check it
+ * against @peculiar/asn1-ecc's encoding for every curve size and edge case).
+ */
 export function p1363ToDer(sig: Buffer): Buffer {
   if (sig.length === 0 || sig.length % 2) throw new SealError('INVALID_ARGUMENT', 'malformed P1363 signature');
   const n = sig.length / 2;
-  const v = new ECDSASigValue({ r: unsigned(sig.subarray(0, n)), s: unsigned(sig.subarray(n)) });
-  return Buffer.from(AsnConvert.serialize(v));
+  const r = integerContent(sig.subarray(0, n));
+  const s = integerContent(sig.subarray(n));
+  const body = 4 + r.length + s.length; // at most 2 × (66 + 1) + 4 = 138 for P-521
+  const head = body < 0x80 ? Buffer.from([0x30, body]) : Buffer.from([0x30, 0x81, body]);
+  return Buffer.concat([head, Buffer.from([0x02, r.length]), r, Buffer.from([0x02, s.length]), s]);
 }
 
 export function derToP1363(der: Buffer, coordinateLength: number): Buffer {

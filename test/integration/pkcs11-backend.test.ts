@@ -406,6 +406,85 @@ describe('session recovery (own token)', () => {
 
 // ---- the embedded default ----------------------------------------------------------------------
 
+// ---- worker threads ----------------------------------------------------------------------------
+
+interface Threads {
+  workerStats: { threadsStarted: number; batches: number; items: number } | undefined;
+}
+const threadsOf = (env: SecureEnvironment): Threads => (env as unknown as { pool: Threads }).pool;
+
+describe('single-part operations on worker threads, and on pooled sessions with workers=0', () => {
+  it('empty messages on both paths: ECDSA and Ed25519 signatures verify with node:crypto, HMAC agrees across paths, AES-GCM of nothing is a tag that decrypts to nothing', async () => {
+    const threaded = await openEnvironment(softhsmUri());
+    const direct = await openEnvironment(`${softhsmUri()}&workers=0`);
+    const keys: KeyHandle[] = [];
+    try {
+      expect(threadsOf(threaded).workerStats).toBeDefined();
+      expect(threadsOf(direct).workerStats).toBeUndefined();
+      const gen = async (name: string, algorithm: KeyAlgorithmInput, usages: KeyUsage[]): Promise<KeyHandle> => {
+        const k = await threaded.generateKey({ label: label(name), algorithm, usages });
+        keys.push(k);
+        return k;
+      };
+      const empty = Buffer.alloc(0);
+      const ec = await gen('empty-ec', { name: 'ECDSA', namedCurve: 'P-256' }, ['sign']);
+      const ed = await gen('empty-ed', { name: 'Ed25519' }, ['sign']);
+      const mac = await gen('empty-mac', { name: 'HMAC', hash: 'SHA-256' }, ['sign', 'verify']);
+      const aes = await gen('empty-aes', { name: 'AES', length: 256 }, ['encrypt', 'decrypt']);
+      const macs: Buffer[] = [];
+      for (const env of [threaded, direct]) {
+        const ecKey = await env.getKey(ec.uri);
+        const edKey = await env.getKey(ed.uri);
+        const macKey = await env.getKey(mac.uri);
+        const aesKey = await env.getKey(aes.uri);
+        expect(nodeVerify('sha256', empty, createPublicKey({ key: ec.publicKey!, format: 'der', type: 'spki' }), await ecKey.sign(empty))).toBe(true);
+        expect(nodeVerify(null, empty, createPublicKey({ key: ed.publicKey!, format: 'der', type: 'spki' }), await edKey.sign(empty))).toBe(true);
+        const tag = await macKey.mac(empty);
+        expect(tag).toHaveLength(32);
+        expect(await macKey.verify(empty, tag)).toBe(true);
+        expect(await macKey.verify(Buffer.from([0]), tag)).toBe(false);
+        macs.push(tag);
+        const sealed = await aesKey.encrypt(empty);
+        expect(sealed.ciphertext).toHaveLength(16);
+        expect(await aesKey.decrypt(sealed.ciphertext, { iv: sealed.iv! })).toHaveLength(0);
+        const tampered = Buffer.from(sealed.ciphertext);
+        tampered[0]! ^= 1;
+        await expectSealError(aesKey.decrypt(tampered, { iv: sealed.iv! }), 'DECRYPTION_FAILED');
+      }
+      expect(macs[0]!.equals(macs[1]!), 'both paths compute the same HMAC').toBe(true);
+    } finally {
+      for (const k of keys) await k.destroy();
+      await threaded.close();
+      await direct.close();
+    }
+  });
+
+  it('a lone call starts one thread; 1,000 concurrent signs are spread over the threads in batches and all verify', async () => {
+    const env = await openEnvironment(`${softhsmUri()}&workers=2`);
+    try {
+      const key = await env.generateKey({ label: label('threads'), algorithm: { name: 'ECDSA', namedCurve: 'P-256' }, usages: ['sign'] });
+      const pub = createPublicKey({ key: key.publicKey!, format: 'der', type: 'spki' });
+      await key.sign(Buffer.from('one'));
+      const stats = threadsOf(env).workerStats!;
+      expect(stats.threadsStarted).toBe(1);
+      const before = { batches: stats.batches, items: stats.items };
+      const data = Array.from({ length: 1000 }, (_, i) => Buffer.from(`message ${i}`));
+      const sigs = await Promise.all(data.map((d) => key.sign(d)));
+      sigs.forEach((sig, i) => expect(nodeVerify('sha256', data[i]!, pub, sig), `signature ${i}`).toBe(true));
+      expect(stats.items - before.items).toBe(1000);
+      expect(stats.batches - before.batches, 'fewer messages than calls').toBeLessThan(1000 / 4);
+      expect(stats.threadsStarted).toBe(2);
+      await key.destroy();
+    } finally {
+      await env.close();
+    }
+  });
+
+  it.each(['17', 'x', '-1', '1.5'])('workers=%s is refused with INVALID_URI', async (n) => {
+    await expectSealError(openEnvironment(`${softhsmUri()}&workers=${n}`), 'INVALID_URI');
+  });
+});
+
 describe('the embedded default (child processes, SOFTHSM2_CONF unset)', () => {
   const loader = join(ROOT, 'test', 'integration', 'support', 'ts-loader.mjs');
   const index = pathToFileURL(join(ROOT, 'src', 'index.ts')).href;

@@ -5,6 +5,8 @@
  */
 import { describe, expect, it } from 'vitest';
 import { createPublicKey, generateKeyPairSync, randomBytes, sign, verify } from 'node:crypto';
+import { AsnConvert } from '@peculiar/asn1-schema';
+import { ECDSASigValue } from '@peculiar/asn1-ecc';
 import { derToP1363, p1363ToDer, SealError, toPem } from '../../src/index.js';
 
 const CURVES = [
@@ -151,5 +153,33 @@ describe('PEM armour', () => {
     const pem = toPem(der);
     expect(pem).toBe(key.export({ type: 'spki', format: 'pem' }));
     expect(createPublicKey(pem).export({ type: 'spki', format: 'der' }).equals(der)).toBe(true);
+  });
+});
+
+describe('p1363ToDer against the ASN.1 library', () => {
+  it('matches @peculiar/asn1-ecc for random, zero-led, top-bit and all-zero values of every curve size (P-521 needs a long-form length)', () => {
+    const der = (sig: Buffer): Buffer => {
+      const n = sig.length / 2;
+      const int = (b: Buffer): ArrayBuffer => {
+        let i = 0;
+        while (i < b.length - 1 && b[i] === 0) i++;
+        const v = b[i]! & 0x80 ? Buffer.concat([Buffer.from([0]), b.subarray(i)]) : Buffer.from(b.subarray(i));
+        return v.buffer.slice(v.byteOffset, v.byteOffset + v.length) as ArrayBuffer;
+      };
+      return Buffer.from(AsnConvert.serialize(new ECDSASigValue({ r: int(sig.subarray(0, n)), s: int(sig.subarray(n)) })));
+    };
+    let longForm = 0;
+    for (const n of [32, 48, 66]) {
+      for (let i = 0; i < 500; i++) {
+        const sig = randomBytes(2 * n);
+        if (i % 5 === 1) sig.fill(0, 0, 1 + (i % 7)); // leading zeros in r
+        if (i % 5 === 2) sig[n] = 0x80 | sig[n]!; // s with the top bit set
+        if (i % 50 === 3) sig.fill(0); // r = s = 0
+        const mine = p1363ToDer(sig);
+        expect(mine.toString('hex')).toBe(der(sig).toString('hex'));
+        if (mine[1] === 0x81) longForm++;
+      }
+    }
+    expect(longForm).toBeGreaterThan(0);
   });
 });

@@ -9,6 +9,11 @@ export interface WorkerInit {
   libraryParameters?: string;
   /** A file URL from which `pkcs11js` resolves (the pool's own module). */
   requireFrom: string;
+  /**
+   * Shared memory: [0] items finished (lets the pool tell a hung call from a long batch), [1] set
+   * by the pool when it abandoned the thread (the thread then skips what it still holds).
+   */
+  progress: Int32Array;
   /** Nice value for the thread (Linux): above the event loop's, so the loop is served first. */
   nice: number;
 }
@@ -43,8 +48,6 @@ export interface WorkBatch {
    * 'forget' it because the pool already closed it.
    */
   drop?: 'close' | 'forget';
-  /** Shared counter of finished items: lets the pool tell a hung call from a long batch. */
-  progress: Int32Array;
 }
 
 export type ItemResult =

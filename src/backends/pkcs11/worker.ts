@@ -92,7 +92,8 @@ function run(batch: WorkBatch): WorkReply {
   const output = Buffer.alloc(batch.outputSize);
   const results: ItemResult[] = [];
   for (const item of batch.items) {
-    if (results.length > 0) Atomics.store(batch.progress, 0, results.length);
+    // abandoned by the pool (a call hung): what is left was handed to other threads
+    if (Atomics.load(init.progress, 1) !== 0) break;
     try {
       const s = sessionFor(batch);
       const mech = revive(item.mechanism) as Pkcs11js.Mechanism;
@@ -131,6 +132,7 @@ function run(batch: WorkBatch): WorkReply {
       dropSession(batch.generation);
       results.push({ error: statusOf(e) });
     }
+    Atomics.add(init.progress, 0, 1);
   }
   return { id: batch.id, session: session ? new Uint8Array(session) : undefined, results, output: output.buffer as ArrayBuffer };
 }

@@ -48,8 +48,10 @@ export function defaultWorkerCount(): number {
   return Math.min(4, Math.max(1, availableParallelism()));
 }
 
-/** A batch should hold about this much module time: enough to hide the message round trip. */
-const BATCH_TARGET_MS = 4;
+/**
+ * Most requests in one message. Batches are split evenly over the threads that can take one, so
+ * a short queue still spreads; a long one goes out in messages of this size.
+ */
 const MAX_BATCH = 64;
 /** Nice value of the threads (Linux): the event loop is served first when both want the CPU. */
 const THREAD_NICE = 5;
@@ -60,22 +62,32 @@ interface Pending {
   reject: (e: unknown) => void;
 }
 
+interface Batch {
+  id: number;
+  items: Pending[];
+}
+
 interface Thread {
   worker: Worker;
   ready: boolean;
-  /** The batch it is working on. */
-  batch: Pending[] | undefined;
-  batchId: number;
-  /** Items of the current batch the thread has finished (written by the thread). */
+  /** Batches sent and not answered, oldest first (at most PIPELINE). */
+  inFlight: Batch[];
+  /** Items the thread has finished since it started (counted by the thread, in shared memory). */
   progress: Int32Array;
+  /** Items answered so far: progress beyond this belongs to the oldest batch in flight. */
+  answered: number;
+  /** progress at the watchdog's last look. */
+  seen: number;
   watchdog: NodeJS.Timeout | undefined;
-  /** Just answered: idle again once the answer's continuations have queued their next calls. */
+  /** Just answered: takes more once the answers' continuations have queued their next calls. */
   draining: boolean;
-  started: number;
   /** Its session as of its last answer, and what its next batch must do about it. */
   session: Buffer | undefined;
   drop: 'close' | 'forget' | undefined;
 }
+
+/** Batches a thread may hold: the next one waits in its queue while it works on one. */
+const PIPELINE = 2;
 
 let workerSource: { url: URL } | undefined;
 
@@ -108,7 +120,6 @@ export class WorkerPool {
   #queue: Pending[] = [];
   #starting: Promise<void> | undefined;
   #nextId = 1;
-  #perItemMs = 1;
   #closed = false;
   #abandoned = 0;
   readonly stats = { threadsStarted: 0, threadsAbandoned: 0, batches: 0, items: 0, timeouts: 0 };
@@ -136,24 +147,26 @@ export class WorkerPool {
 
   #dispatch(): void {
     if (this.#queue.length === 0) return;
-    if (this.#threads.length < this.#o.size) {
-      this.#start();
-      if (this.#threads.every((t) => !t.ready)) return; // the first ready thread dispatches
+    // idle threads first, then a second batch to queue behind a running one
+    for (let depth = 0; depth < PIPELINE && this.#queue.length > 0; depth++) {
+      const open = this.#threads.filter((t) => t.ready && !t.draining && t.inFlight.length === depth);
+      if (depth > 0 && this.#queue.length > 0) this.#grow(); // more work than idle threads
+      for (let i = 0; i < open.length && this.#queue.length > 0; i++) {
+        const n = Math.min(MAX_BATCH, Math.ceil(this.#queue.length / (open.length - i)));
+        this.#send(open[i]!, this.#queue.splice(0, n));
+      }
     }
-    const idle = this.#threads.filter((t) => t.ready && !t.batch && !t.draining);
-    for (let i = 0; i < idle.length && this.#queue.length > 0; i++) {
-      const cap = Math.max(1, Math.min(MAX_BATCH, Math.floor(BATCH_TARGET_MS / this.#perItemMs)));
-      const n = Math.min(cap, Math.ceil(this.#queue.length / (idle.length - i)));
-      this.#send(idle[i]!, this.#queue.splice(0, n));
-    }
+    if (this.#threads.length === 0) this.#grow();
   }
 
-  #start(): void {
-    if (this.#starting) return;
-    this.#starting = (async () => {
-      const url = await workerUrl();
-      while (!this.#closed && this.#threads.length < this.#o.size) this.#spawn(url);
-    })()
+  /**
+   * Starts one more thread, up to the pool's size, when none is starting already: a process that
+   * signs once (a CLI call) starts one thread, a loaded server all of them.
+   */
+  #grow(): void {
+    if (this.#starting || this.#closed || this.#threads.length >= this.#o.size || this.#threads.some((t) => !t.ready)) return;
+    this.#starting = workerUrl()
+      .then((url) => this.#spawn(url))
       .catch((e) => this.#failQueue(new SealError('INTERNAL', `${this.#o.what}: worker threads could not start: ${e instanceof Error ? e.message : String(e)}`, { cause: e })))
       .finally(() => {
         this.#starting = undefined;
@@ -161,21 +174,24 @@ export class WorkerPool {
   }
 
   #spawn(url: URL): void {
+    const progress = new Int32Array(new SharedArrayBuffer(8));
     const init: WorkerInit = {
       modulePath: this.#o.module.path,
       requireFrom: import.meta.url,
+      progress,
       nice: process.platform === 'linux' ? THREAD_NICE : 0,
       ...(this.#o.libraryParameters ? { libraryParameters: this.#o.libraryParameters } : {}),
     };
+    // referenced while it starts (a caller is waiting for it) and while it holds work
     const worker = new Worker(url, { workerData: init });
-    worker.unref();
-    const t: Thread = { worker, ready: false, batch: undefined, batchId: 0, progress: new Int32Array(1), watchdog: undefined, draining: false, started: 0, session: undefined, drop: undefined };
+    const t: Thread = { worker, ready: false, inFlight: [], progress, answered: 0, seen: 0, watchdog: undefined, draining: false, session: undefined, drop: undefined };
     this.stats.threadsStarted++;
     this.#threads.push(t);
     worker.on('message', (m: WorkReply | 'ready') => {
       if (m === 'ready') {
         t.ready = true;
         this.#dispatch();
+        if (t.inFlight.length === 0 && !this.#closed) worker.unref();
         return;
       }
       this.#answered(t, m);
@@ -216,43 +232,48 @@ export class WorkerPool {
       for (const p of batch) p.reject(e);
       return;
     }
-    t.progress = new Int32Array(new SharedArrayBuffer(4));
-    const msg: WorkBatch = { id: this.#nextId++, generation: this.#o.module.generation, slot: new Uint8Array(slot), input, outputSize: outSize, items, progress: t.progress };
+    const msg: WorkBatch = { id: this.#nextId++, generation: this.#o.module.generation, slot: new Uint8Array(slot), input, outputSize: outSize, items };
     if (t.drop) msg.drop = t.drop;
     t.drop = undefined;
-    t.batch = batch;
-    t.batchId = msg.id;
-    t.started = performance.now();
+    t.inFlight.push({ id: msg.id, items: batch });
     t.worker.ref(); // a pending answer keeps the process alive
     this.stats.batches++;
     this.stats.items += batch.length;
     t.worker.postMessage(msg, [input.buffer]);
-    this.#arm(t, 0);
+    if (!t.watchdog) {
+      t.seen = Atomics.load(t.progress, 0);
+      this.#arm(t);
+    }
   }
 
-  /** Checks every callTimeoutMs that the thread's batch moved since the last look. */
-  #arm(t: Thread, seen: number): void {
+  /** Looks every callTimeoutMs whether the thread finished anything since the last look. */
+  #arm(t: Thread): void {
     t.watchdog = setTimeout(() => {
       t.watchdog = undefined;
-      if (!t.batch) return;
+      if (t.inFlight.length === 0) return;
       const done = Atomics.load(t.progress, 0);
-      if (done > seen) this.#arm(t, done);
-      else this.#abandon(t, done);
+      if (done === t.seen) {
+        this.#abandon(t, done - t.answered);
+        return;
+      }
+      t.seen = done;
+      this.#arm(t);
     }, this.#o.callTimeoutMs);
   }
 
   #answered(t: Thread, reply: WorkReply): void {
-    const batch = t.batch;
-    if (!batch || reply.id !== t.batchId) return;
-    if (t.watchdog) clearTimeout(t.watchdog);
-    t.watchdog = undefined;
-    t.batch = undefined;
+    const batch = t.inFlight[0];
+    if (!batch || reply.id !== batch.id) return;
+    t.inFlight.shift();
+    t.answered += batch.items.length;
+    if (t.inFlight.length === 0) {
+      if (t.watchdog) clearTimeout(t.watchdog);
+      t.watchdog = undefined;
+      t.worker.unref();
+    }
     t.session = reply.session ? Buffer.from(reply.session) : undefined;
-    t.worker.unref();
-    const ms = (performance.now() - t.started) / batch.length;
-    this.#perItemMs = this.#perItemMs * 0.8 + ms * 0.2;
     const out = Buffer.from(reply.output);
-    batch.forEach((p, i) => settle(p, reply.results[i], out));
+    batch.items.forEach((p, i) => settle(p, reply.results[i], out));
     // the answers' callers queue their next calls in the microtasks that follow: let them, so
     // that the thread gets a full batch rather than the first of them alone
     t.draining = true;
@@ -262,39 +283,38 @@ export class WorkerPool {
     });
   }
 
-  /** The thread's batch stopped moving: the item in progress times out, the rest is queued again. */
-  #abandon(t: Thread, done: number): void {
-    const batch = t.batch ?? [];
-    t.batch = undefined;
+  /** The thread stopped making progress: the item in progress times out, the rest is queued again. */
+  #abandon(t: Thread, index: number): void {
+    const items = t.inFlight.flatMap((b) => b.items);
+    t.inFlight = [];
     this.#threads = this.#threads.filter((x) => x !== t);
     this.stats.threadsAbandoned++;
     this.stats.timeouts++;
     this.#abandoned++;
-    const hung = batch[done];
-    const requeue = batch.filter((_, i) => i !== done);
+    Atomics.store(t.progress, 1, 1); // the thread skips whatever it still holds
+    const hung = items[index];
     hung?.reject(new SealError('TIMEOUT', `${hung.req.op}: ${this.#o.what} did not answer within ${this.#o.callTimeoutMs} ms`));
-    // the thread ends once the module lets go of it; until then the module stays loaded
-    const ended = new Promise<void>((resolve) => {
-      t.worker.once('exit', () => resolve());
-      t.worker.once('message', () => t.worker.postMessage('close'));
-    });
+    // the thread ends once the module lets go of it (it closes its session first); until then
+    // the module stays loaded
+    const ended = new Promise<void>((resolve) => t.worker.once('exit', () => resolve()));
     ended.then(() => {
       this.#abandoned--;
     });
     this.#o.module.track(ended);
+    t.worker.postMessage('close');
     t.worker.unref();
-    this.#queue.unshift(...requeue);
+    this.#queue.unshift(...items.filter((_, i) => i !== index));
     this.#dispatch();
   }
 
-  /** A thread failed or ended on its own: its batch fails, another takes its place. */
+  /** A thread failed or ended on its own: its batches fail, another takes its place. */
   #lost(t: Thread, e: unknown): void {
     if (!this.#threads.includes(t)) return;
     this.#threads = this.#threads.filter((x) => x !== t);
     if (t.watchdog) clearTimeout(t.watchdog);
     const err = new SealError('INTERNAL', `${this.#o.what}: a worker thread failed: ${e instanceof Error ? e.message : String(e)}`, { cause: e });
-    for (const p of t.batch ?? []) p.reject(err);
-    t.batch = undefined;
+    for (const b of t.inFlight) for (const p of b.items) p.reject(err);
+    t.inFlight = [];
     if (!t.ready) {
       // it never started: do not start another for the same reason over and over
       this.#failQueue(err);
@@ -310,7 +330,7 @@ export class WorkerPool {
    */
   dropSessions(): void {
     for (const t of this.#threads) {
-      if (t.batch) {
+      if (t.inFlight.length > 0) {
         t.drop = 'close';
       } else if (t.session) {
         try {
@@ -337,12 +357,13 @@ export class WorkerPool {
     for (const t of this.#threads.splice(0)) {
       const exited = new Promise((resolve) => t.worker.once('exit', resolve));
       if (t.watchdog) clearTimeout(t.watchdog);
-      for (const p of t.batch ?? []) p.reject(new SealError('CLOSED', `environment ${this.#o.what} is closed`));
+      for (const b of t.inFlight) for (const p of b.items) p.reject(new SealError('CLOSED', `environment ${this.#o.what} is closed`));
       t.worker.postMessage('close');
-      if (t.batch) {
+      if (t.inFlight.length > 0) {
         this.#o.module.track(exited);
         t.worker.unref();
       } else {
+        t.worker.ref(); // until it has closed its session and ended
         waits.push(exited);
       }
     }
