@@ -183,3 +183,58 @@ describe('p1363ToDer against the ASN.1 library', () => {
     expect(longForm).toBeGreaterThan(0);
   });
 });
+
+describe('derToP1363 against the ASN.1 library', () => {
+  /** The reading of @peculiar/asn1-ecc plus the canonical-form checks: the reference. */
+  function reference(der: Buffer, n: number): Buffer | 'refused' {
+    let v: ECDSASigValue;
+    try {
+      v = AsnConvert.parse(der, ECDSASigValue);
+    } catch {
+      return 'refused';
+    }
+    const canonical = (x: ArrayBuffer): boolean => {
+      const b = Buffer.from(x);
+      return b.length > 0 && (b[0]! & 0x80) === 0 && !(b.length > 1 && b[0] === 0 && (b[1]! & 0x80) === 0);
+    };
+    if (!canonical(v.r) || !canonical(v.s) || !Buffer.from(AsnConvert.serialize(v)).equals(der)) return 'refused';
+    const fix = (x: ArrayBuffer): Buffer | undefined => {
+      let b = Buffer.from(x);
+      while (b.length > n && b[0] === 0) b = b.subarray(1);
+      return b.length > n ? undefined : Buffer.concat([Buffer.alloc(n - b.length), b]);
+    };
+    const r = fix(v.r);
+    const s = fix(v.s);
+    return r && s ? Buffer.concat([r, s]) : 'refused';
+  }
+  const mine = (der: Buffer, n: number): Buffer | 'refused' => {
+    try {
+      return derToP1363(der, n);
+    } catch (e) {
+      expect(e).toBeInstanceOf(SealError);
+      return 'refused';
+    }
+  };
+
+  it('agrees on 6,000 valid signatures and single-byte mutations of them (accepted or refused, and the same r‖s)', () => {
+    const stats = { accepted: 0, refused: 0 };
+    for (const [curve, n, hash] of [['prime256v1', 32, 'sha256'], ['secp384r1', 48, 'sha384'], ['secp521r1', 66, 'sha512']] as const) {
+      const { privateKey } = generateKeyPairSync('ec', { namedCurve: curve });
+      for (let i = 0; i < 1000; i++) {
+        const der = sign(hash, randomBytes(8), { key: privateKey, dsaEncoding: 'der' });
+        const mutated = Buffer.from(der);
+        const at = i % der.length;
+        mutated[at] = (i % 3 === 0 ? mutated[at]! ^ (1 << (i % 8)) : i % 3 === 1 ? 0x00 : 0x80) & 0xff;
+        for (const input of [der, mutated]) {
+          const want = reference(input, n);
+          const got = mine(input, n);
+          if (want === 'refused') expect(got, input.toString('hex')).toBe('refused');
+          else expect(got === 'refused' ? got : got.toString('hex'), input.toString('hex')).toBe(want.toString('hex'));
+          stats[want === 'refused' ? 'refused' : 'accepted']++;
+        }
+      }
+    }
+    expect(stats.accepted).toBeGreaterThan(3000);
+    expect(stats.refused).toBeGreaterThan(100);
+  });
+});
