@@ -15,6 +15,13 @@
  * - Card removal makes the next call fail with DEVICE_UNAVAILABLE ('card removed …'); the call
  *   after that reconnects by itself and increments `generation`. Channels opened before a
  *   reconnection answer SESSION_LOST: the applet has to be selected again.
+ * - A restarted pcscd invalidates the PC/SC context itself: every call answers
+ *   SCARD_E_NO_SERVICE, SCARD_E_SERVICE_STOPPED or SCARD_E_INVALID_HANDLE for good (the call the
+ *   daemon went away under may answer SCARD_W_SECURITY_VIOLATION). The context is released and
+ *   a new one established at the next call, which reconnects to the card (a new `generation`).
+ *   Found when an operation starts its transaction, nothing of it sent yet, this is transparent;
+ *   in the middle of an operation that one operation fails with DEVICE_UNAVAILABLE.
+ *   `contextRestarts` counts the new contexts.
  */
 import { SealError, isSealError } from '../../core/errors.js';
 import type { ApduTransport, CardChannel, ResponseApdu, TransportInfo } from './transport.js';
@@ -48,6 +55,8 @@ export interface PcscTransport extends ApduTransport {
   readonly generation: number;
   /** True when the card (ATR card capabilities) and protocol (T=1) take extended-length APDUs. */
   readonly extendedLength: boolean;
+  /** PC/SC contexts established anew after the daemon went away (a pcscd restart). */
+  readonly contextRestarts: number;
   /** Resolves when a card is present in the reader; TIMEOUT after `timeoutMs`. */
   waitForCard(timeoutMs?: number): Promise<void>;
 }
@@ -67,6 +76,18 @@ function loadBinding(): PcscShim {
   }
 }
 
+/**
+ * Answers of a PC/SC context whose daemon is gone (restarted): the context is dead for good.
+ * libpcsclite reports a daemon that closed the connection under a call as SecurityViolation
+ * (what pcscd's polkit check does to a client it refuses, too).
+ */
+const SERVICE_LOST = new Set(['NoService', 'ServiceStopped', 'InvalidHandle', 'SecurityViolation']);
+
+function serviceLost(e: unknown): boolean {
+  const name = scardName(e);
+  return name !== undefined && SERVICE_LOST.has(name);
+}
+
 const UNAVAILABLE_CODES = new Set(['NoService', 'ServiceStopped', 'NoReadersAvailable', 'UnknownReader', 'ReaderUnavailable', 'NoSmartCard', 'RemovedCard', 'UnpoweredCard', 'UnresponsiveCard', 'SharingViolation', 'NotReady', 'CommError', 'CommDataLost']);
 
 function mapPcscError(e: unknown, what: string): SealError {
@@ -77,6 +98,8 @@ function mapPcscError(e: unknown, what: string): SealError {
     case 'NoService':
     case 'ServiceStopped':
       return new SealError('DEVICE_UNAVAILABLE', `${what}: the PC/SC daemon is not reachable (is pcscd running?)`, opts);
+    case 'SecurityViolation':
+      return new SealError('DEVICE_UNAVAILABLE', `${what}: the PC/SC daemon closed the connection (restarted, or refused this client)`, opts);
     case 'RemovedCard':
       return new SealError('DEVICE_UNAVAILABLE', `${what}: card removed from the reader`, opts);
     case 'NoSmartCard':
@@ -123,9 +146,12 @@ class PcscCardTransport implements PcscTransport {
   info: TransportInfo = { kind: 'pcsc', name: '' };
   generation = 0;
   extendedLength = false;
+  contextRestarts = 0;
 
-  /** Card I/O: connect, transmit, transactions. */
-  private readonly io: PcscContext;
+  /** Card I/O: connect, transmit, transactions; replaced when the daemon went away. */
+  private io: PcscContext;
+  /** The context `io` is dead (its daemon restarted): establish a new one before the next call. */
+  private ioLost = false;
   /** Reader events for waitForCard, opened at the first wait. */
   private watcher: PcscContext | undefined;
   private readonly lock = new ExclusiveLock();
@@ -213,14 +239,23 @@ class PcscCardTransport implements PcscTransport {
     if (this.closed) throw new SealError('CLOSED', 'the PC/SC transport is closed');
     if (this.card) return this.card;
     let card: CardConnection;
-    try {
-      card = await this.io.connect(this.readerName, SCARD.SHARE_SHARED, PROTOCOLS);
-    } catch (e) {
-      const name = scardName(e);
-      if (name === 'UnknownReader' || name === 'ReaderUnavailable') {
-        throw new SealError('DEVICE_UNAVAILABLE', `PC/SC reader '${this.readerName}' is not attached`, { backendCode: `PCSC_${name}`, backendStatus: scardCode(e), cause: e });
+    for (;;) {
+      const fresh = await this.context();
+      try {
+        card = await this.io.connect(this.readerName, SCARD.SHARE_SHARED, PROTOCOLS);
+        break;
+      } catch (e) {
+        // a context that worked before and whose daemon has gone since: once more on a new one
+        if (!fresh && serviceLost(e)) {
+          await this.loseContext();
+          continue;
+        }
+        const name = scardName(e);
+        if (name === 'UnknownReader' || name === 'ReaderUnavailable') {
+          throw new SealError('DEVICE_UNAVAILABLE', `PC/SC reader '${this.readerName}' is not attached`, { backendCode: `PCSC_${name}`, backendStatus: scardCode(e), cause: e });
+        }
+        throw mapPcscError(e, `connecting to the card in '${this.readerName}'`);
       }
-      throw mapPcscError(e, `connecting to the card in '${this.readerName}'`);
     }
     try {
       let state: Awaited<ReturnType<PcscContext['status']>>;
@@ -243,6 +278,39 @@ class PcscCardTransport implements PcscTransport {
     this.card = card;
     this.generation += 1;
     return card;
+  }
+
+  /**
+   * The I/O context, established anew when the old one was lost; true when it is new (so a
+   * failure on it is not the old daemon's). DEVICE_UNAVAILABLE while pcscd is not back.
+   */
+  private async context(): Promise<boolean> {
+    if (!this.ioLost) return false;
+    const io = new this.pcsc.Context();
+    try {
+      await io.open();
+    } catch (e) {
+      await io.close().catch(() => undefined);
+      throw mapPcscError(e, 'PC/SC');
+    }
+    if (this.closed) {
+      await io.close().catch(() => undefined);
+      throw new SealError('CLOSED', 'the PC/SC transport is closed');
+    }
+    this.io = io;
+    this.ioLost = false;
+    this.contextRestarts += 1;
+    return true;
+  }
+
+  /** The daemon went away: the card handle and the context with it (the next call starts over). */
+  private async loseContext(): Promise<void> {
+    if (this.ioLost) return;
+    const io = this.io;
+    this.card = undefined;
+    this.ioLost = true;
+    // releasing a context whose daemon is gone only frees the library's side of it
+    await io.close().catch(() => undefined);
   }
 
   /** Forgets the card handle after removal (the next call reconnects). */
@@ -279,7 +347,8 @@ class PcscCardTransport implements PcscTransport {
       return new SealError('SESSION_LOST', `${what}: the card was reset by another application; select the applet again`, { backendCode: 'PCSC_ResetCard', backendStatus: scardCode(e), cause: e });
     }
     const err = mapPcscError(e, what);
-    if (err.code === 'DEVICE_UNAVAILABLE' || code === 'InvalidHandle') await this.drop();
+    if (serviceLost(e)) await this.loseContext();
+    else if (err.code === 'DEVICE_UNAVAILABLE') await this.drop();
     return err;
   }
 
@@ -298,25 +367,28 @@ class PcscCardTransport implements PcscTransport {
     return this.exchanges.run(() => withIsoResponseHandling((a) => this.rawTransmit(a), apdu));
   }
 
-  /** SCardBeginTransaction on the connected card; the handle to end it on. */
-  private async beginTransaction(): Promise<number> {
+  /** SCardBeginTransaction on the connected card; the context and handle to end it on. */
+  private async beginTransaction(): Promise<{ io: PcscContext; handle: number }> {
     const card = await this.connected();
-    await this.io.beginTransaction(card.handle);
-    return card.handle;
+    const io = this.io;
+    await io.beginTransaction(card.handle);
+    return { io, handle: card.handle };
   }
 
   exclusive<T>(fn: () => Promise<T>): Promise<T> {
     if (this.lock.held()) return fn();
     return this.lock.run(async () => {
-      let handle: number;
+      let tx: { io: PcscContext; handle: number };
       try {
-        handle = await this.beginTransaction();
+        tx = await this.beginTransaction();
       } catch (e) {
-        // A reset by another application since our last operation: nothing of this operation
-        // was sent yet, so carry on with the fresh card (a new generation; stale channels see it).
-        if (scardName(e) !== 'ResetCard' || !(await this.recoverFromReset())) throw await this.failure(e, 'starting a card transaction');
+        // Nothing of this operation was sent yet. A reset by another application since our last
+        // operation: carry on with the fresh card. A daemon restarted since: carry on with a new
+        // context and connection. Either way a new generation, which stale channels see.
+        const recovered = scardName(e) === 'ResetCard' ? await this.recoverFromReset() : serviceLost(e) ? (await this.loseContext(), true) : false;
+        if (!recovered) throw await this.failure(e, 'starting a card transaction');
         try {
-          handle = await this.beginTransaction();
+          tx = await this.beginTransaction();
         } catch (e2) {
           throw await this.failure(e2, 'starting a card transaction');
         }
@@ -324,7 +396,7 @@ class PcscCardTransport implements PcscTransport {
       try {
         return await fn();
       } finally {
-        await this.io.endTransaction(handle, SCARD.LEAVE_CARD).catch(() => undefined);
+        await tx.io.endTransaction(tx.handle, SCARD.LEAVE_CARD).catch(() => undefined);
       }
     });
   }
@@ -402,6 +474,12 @@ class PcscCardTransport implements PcscTransport {
         this.notify();
       }
     } catch (e) {
+      if (serviceLost(e) && this.watcher) {
+        // the daemon restarted: the next wait starts on a new context
+        const dead = this.watcher;
+        this.watcher = undefined;
+        await dead.close().catch(() => undefined);
+      }
       if (!this.closed) {
         this.watchError = mapPcscError(e, `waiting for a card in '${this.readerName}'`);
         this.notify();
@@ -437,7 +515,8 @@ class PcscCardTransport implements PcscTransport {
       this.card = undefined;
       const disposition = this.options.disposition === 'leave' ? SCARD.LEAVE_CARD : SCARD.RESET_CARD;
       if (card) await this.io.disconnect(card.handle, disposition).catch(() => undefined);
-      await Promise.all([this.watcher?.close(), this.io.close()].map((p) => p?.catch(() => undefined)));
+      // a lost context was released when it was found dead
+      await Promise.all([this.watcher?.close(), this.ioLost ? undefined : this.io.close()].map((p) => p?.catch(() => undefined)));
     };
     // Wait for a running operation unless close() is called from inside one.
     if (this.lock.held()) await finish();

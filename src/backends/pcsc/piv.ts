@@ -212,6 +212,8 @@ export class PivApplet {
   #metadata: boolean | undefined;
   #mgmtAlgFromCard: MgmtAlgName | null | undefined;
   #closed = false;
+  /** What this applet object sent, for tests and diagnostics: SELECTs of the application and PIN VERIFYs. */
+  readonly stats = { selects: 0, pinVerifies: 0 };
 
   constructor(transport: GenerationalTransport, credentials: PivCredentials) {
     this.transport = transport;
@@ -236,6 +238,7 @@ export class PivApplet {
   async #select(): Promise<void> {
     this.#channel = undefined;
     this.#pinVerifiedGeneration = -1;
+    this.stats.selects += 1;
     const { channel } = await this.transport.select(PIV_AID, { logical: false });
     this.#channel = channel;
     this.#selectedGeneration = this.transport.generation;
@@ -279,6 +282,7 @@ export class PivApplet {
     try {
       if (pin.length === 0 || pin.length > 8) throw new SealError('INVALID_ARGUMENT', 'a PIV PIN has 6 to 8 characters');
       pin.copy(block);
+      this.stats.pinVerifies += 1;
       const r = await this.#command(INS.VERIFY, 0x00, PIN_REF, block, undefined);
       if (r.sw === 0x9000) {
         this.#pinVerifiedGeneration = this.transport.generation;

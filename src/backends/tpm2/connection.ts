@@ -6,13 +6,20 @@
  *
  * Works without a resource manager: at most `maxLoaded` of our keys are loaded at once (plus a
  * transient SRK when it cannot be made persistent), and everything we load is flushed again.
+ *
+ * A failure below the TPM can wedge tpm2-tss's ESYS context for good: after a lost TCTI or a
+ * response or argument it could not (un)marshal, it answers every later call with
+ * TSS2_ESYS_RC_BAD_SEQUENCE without sending anything. Such a context is finalized and created
+ * again like a lost connection (and the call repeated: it was never sent). When the TPM itself
+ * is still running, what the wedged context had loaded (our objects, by Name, and our salted
+ * session) is flushed from the new one, so nothing is left in a TPM without a resource manager.
  */
 import { existsSync, readFileSync, renameSync } from 'node:fs';
 import path from 'node:path';
 import { SealError } from '../../core/errors.js';
 import { writeSecretFile } from '../../core/secrets.js';
 import { loadTpmShim, TR, type EsysContext } from './native.js';
-import { isConnectionLost, isTpmCode, RC, tpmError } from './errors.js';
+import { isConnectionLost, isEsysWedged, isStackFailure, isTpmCode, RC, tpmError } from './errors.js';
 import {
   AES128_CFB,
   ALG,
@@ -85,21 +92,39 @@ export interface Loadable {
   readonly derivation?: { parent: Loadable; template: Buffer } | undefined;
 }
 
+/** What a wedged context left loaded in a TPM that kept running: flushed through the next context. */
+interface Leftovers {
+  /** Names of our transient objects. */
+  names: Buffer[];
+  /** TPM handles of our sessions. */
+  sessions: number[];
+}
+
 export class TpmConnection {
   readonly #o: ConnectionOptions;
   #ctx: EsysContext | undefined;
   #srk: number | undefined;
   #srkTransient = false;
+  #srkName: Buffer | undefined;
   #salted: number | undefined;
   #saltedFlags = -1;
   readonly #loaded = new Map<string, number>(); // cacheKey → ESYS_TR, in LRU order
+  readonly #publics = new Map<string, Buffer>(); // cacheKey → TPM2B_PUBLIC of what is loaded (for its Name)
   readonly #pins = new Map<string, number>(); // cacheKey → fast-path calls in flight
   readonly #persistent = new Set<string>(); // cached entries that are persistent handles
+  /**
+   * What a fast-path call found out about its context: dead (lost TCTI) or wedged, dropped before
+   * its next use; `suspect` after another failure below the TPM, probed before its next use.
+   */
+  #broken: { ctx: EsysContext; state: 'lost' | 'wedged' | 'suspect' } | undefined;
+  #leftovers: Leftovers | undefined;
   #queue: Promise<unknown> = Promise.resolve();
   #closed = false;
   /** Incremented at each (re)connection. */
   generation = 0;
   reconnects = 0;
+  /** Of the reconnections, those that replaced a wedged ESYS context (TSS2_ESYS_RC_BAD_SEQUENCE). */
+  wedges = 0;
   properties = new Map<number, number>();
 
   constructor(options: ConnectionOptions) {
@@ -110,19 +135,31 @@ export class TpmConnection {
     return this.#o.paramEncryption;
   }
 
-  /** Runs `fn` alone on the TPM; a dead connection is rebuilt and `fn` repeated once when `idempotent`. */
+  /**
+   * Runs `fn` alone on the TPM. A dead connection or a wedged ESYS context is rebuilt; `fn` is
+   * repeated once when `idempotent`, or when the context refused it without sending anything.
+   */
   run<T>(what: string, fn: (ctx: EsysContext) => Promise<T>, idempotent = true): Promise<T> {
     const next = this.#queue.then(async () => {
       if (this.#closed) throw new SealError('CLOSED', 'the TPM environment is closed');
       for (let attempt = 0; ; attempt++) {
+        let ctx: EsysContext | undefined;
         try {
-          const ctx = await this.#context();
+          await this.#dropBroken();
+          ctx = await this.#context();
           return await fn(ctx);
         } catch (e) {
+          // a failure below the TPM may have wedged the context: ask it (one TPM2_GetRandom)
+          const state = ctx !== undefined && isStackFailure(e) && !isEsysWedged(e) ? await probe(ctx) : undefined;
+          const lost = isConnectionLost(e) || state === 'lost' || (this.#broken !== undefined && this.#broken.ctx === ctx && this.#broken.state === 'lost');
+          const wedged = !lost && ctx !== undefined && (isEsysWedged(e) || state === 'wedged');
           const stale = isTpmCode(e, RC.HANDLE) || isTpmCode(e, RC.REFERENCE_H0) || isTpmCode(e, RC.INITIALIZE);
-          if (attempt === 0 && (isConnectionLost(e) || stale)) {
-            await this.#drop();
-            if (idempotent) continue;
+          if (lost || wedged || (attempt === 0 && stale)) {
+            // never keep a dead or wedged context, not even when the call is not repeated
+            await this.#drop(wedged);
+            // repeated: what a wedged context refused unsent; an idempotent call after a lost
+            // connection or a TPM restart (not what wedged it: the same arguments would again)
+            if (attempt === 0 && (isEsysWedged(e) || (idempotent && (lost || stale)))) continue;
           }
           if (attempt === 0 && isTpmCode(e, RC.OBJECT_MEMORY)) {
             // someone else (or a crashed run of ours) filled the transient slots: free ours, try once more
@@ -168,6 +205,7 @@ export class TpmConnection {
 
   async #context(): Promise<EsysContext> {
     if (this.#ctx) return this.#ctx;
+    this.#broken = undefined;
     let shim;
     try {
       shim = loadTpmShim();
@@ -190,6 +228,9 @@ export class TpmConnection {
       }
     }
     if (this.#o.exclusive) await flushStale(ctx);
+    const leftovers = this.#leftovers;
+    this.#leftovers = undefined;
+    if (leftovers && !this.#o.exclusive) await flushLeftovers(ctx, leftovers);
     this.#ctx = ctx;
     this.generation++;
     const props = await ctx.getCapability(CAP_TPM_PROPERTIES, 0x100, 128);
@@ -219,7 +260,13 @@ export class TpmConnection {
     this.#loaded.delete(cacheKey);
     this.#loaded.set(cacheKey, handle);
     this.#pins.set(cacheKey, (this.#pins.get(cacheKey) ?? 0) + 1);
-    return fn(ctx, handle, session).finally(() => {
+    return fn(ctx, handle, session).catch((e: unknown) => {
+      // the first failure tells what happened to the context (a lost TCTI wedges it as well)
+      if (ctx === this.#ctx && !this.#broken && (isConnectionLost(e) || isStackFailure(e))) {
+        this.#broken = { ctx, state: isConnectionLost(e) ? 'lost' : isEsysWedged(e) ? 'wedged' : 'suspect' };
+      }
+      throw e;
+    }).finally(() => {
       const n = (this.#pins.get(cacheKey) ?? 1) - 1;
       if (n <= 0) this.#pins.delete(cacheKey);
       else this.#pins.set(cacheKey, n);
@@ -228,7 +275,7 @@ export class TpmConnection {
 
   /** True when a fast-path failure should be retried on the slow path (which reconnects and reloads). */
   static retryOnSlowPath(e: unknown): boolean {
-    return isConnectionLost(e) || isTpmCode(e, RC.HANDLE) || isTpmCode(e, RC.REFERENCE_H0) || isTpmCode(e, RC.INITIALIZE) || (e instanceof Error && /closed|not open/.test(e.message) && !(e instanceof SealError));
+    return isConnectionLost(e) || isEsysWedged(e) || isTpmCode(e, RC.HANDLE) || isTpmCode(e, RC.REFERENCE_H0) || isTpmCode(e, RC.INITIALIZE) || (e instanceof Error && /closed|not open/.test(e.message) && !(e instanceof SealError));
   }
 
   /** The SealError for a fast-path failure (tries left on a wrong auth value, lockout time). */
@@ -236,15 +283,59 @@ export class TpmConnection {
     return this.#describe(e, what);
   }
 
-  /** Forgets the connection and every handle (after a restart or a lost TCTI). */
-  async #drop(): Promise<void> {
+  /**
+   * Forgets the connection and every handle (after a restart or a lost TCTI). A `wedged` context
+   * talked to a TPM that is still running: what it had loaded is flushed from the next context.
+   */
+  async #drop(wedged = false): Promise<void> {
     const ctx = this.#ctx;
+    if (ctx && wedged) {
+      this.#leftovers = await this.#leftoversOf(ctx);
+      this.wedges++;
+    }
     this.#ctx = undefined;
+    this.#broken = undefined;
     this.#srk = undefined;
     this.#salted = undefined;
     this.#loaded.clear();
+    this.#publics.clear();
     this.reconnects++;
     if (ctx) await ctx.close().catch(() => undefined);
+  }
+
+  /** A context a fast-path call found dead or wedged is dropped before anything else uses it. */
+  async #dropBroken(): Promise<void> {
+    const broken = this.#broken;
+    this.#broken = undefined;
+    if (!broken || broken.ctx !== this.#ctx) return;
+    const state = broken.state === 'suspect' ? await probe(broken.ctx) : broken.state;
+    if (state !== 'ok') await this.#drop(state === 'wedged');
+  }
+
+  /** Our transient objects (their Names) and sessions (their TPM handles) in a context about to go. */
+  async #leftoversOf(ctx: EsysContext): Promise<Leftovers> {
+    const names: Buffer[] = [];
+    for (const key of this.#loaded.keys()) {
+      const pub = this.#publics.get(key);
+      if (this.#persistent.has(key) || !pub) continue;
+      try {
+        names.push(nameOfPublic(pub));
+      } catch {
+        // a public area that does not parse was never loaded
+      }
+    }
+    if (this.#srkTransient && this.#srk !== undefined && this.#srkName) names.push(this.#srkName);
+    const sessions: number[] = [];
+    if (this.#salted !== undefined) {
+      try {
+        // a session's Name is its TPM handle; ESYS answers from its own records, wedged or not
+        const { name } = await ctx.trGetName(this.#salted);
+        if (name.length === 4) sessions.push(name.readUInt32BE(0));
+      } catch {
+        // unknown to ESYS: nothing to flush
+      }
+    }
+    return { names, sessions };
   }
 
   async #flushAll(): Promise<void> {
@@ -256,6 +347,7 @@ export class TpmConnection {
 
   /** Flushes a transient object; a persistent one only loses its ESYS resource (it stays in the TPM). */
   async #release(ctx: EsysContext, cacheKey: string, handle: number): Promise<void> {
+    this.#publics.delete(cacheKey);
     if (this.#persistent.has(cacheKey)) {
       this.#persistent.delete(cacheKey);
       await ctx.trClose(handle).catch(() => undefined);
@@ -294,6 +386,7 @@ export class TpmConnection {
     } else {
       const fresh = await this.#createSrk(ctx);
       const name = (await ctx.readPublic(fresh)).name;
+      this.#srkName = name;
       try {
         if (this.#o.ownerAuth?.length) await ctx.trSetAuth(TR.RH_OWNER, this.#o.ownerAuth);
         const made = await ctx.evictControl(TR.RH_OWNER, fresh, [TR.PASSWORD], SRK_PERSISTENT_HANDLE);
@@ -397,6 +490,7 @@ export class TpmConnection {
       handle = (await ctx.load(srk, [session], obj.private, obj.public)).handle;
     }
     this.#loaded.set(obj.cacheKey, handle);
+    this.#publics.set(obj.cacheKey, obj.public);
     return handle;
   }
 
@@ -452,6 +546,18 @@ export class TpmConnection {
     this.#closed = true;
     const ctx = this.#ctx;
     if (!ctx) return;
+    // a wedged context flushes nothing: a new one does (a dead one has nothing left to flush)
+    const broken = this.#broken?.ctx === ctx ? this.#broken.state : undefined;
+    if (broken === 'wedged' || (broken === 'suspect' && (await probe(ctx)) === 'wedged')) {
+      await this.#drop(true);
+      try {
+        await (await this.#context()).close();
+      } catch {
+        // the TPM went away meanwhile: nothing of ours is left in it
+      }
+      this.#ctx = undefined;
+      return;
+    }
     await this.#flushAll();
     this.#ctx = undefined;
     if (this.#salted !== undefined) await ctx.flushContext(this.#salted).catch(() => undefined);
@@ -463,6 +569,52 @@ export class TpmConnection {
 /** Names an object from its TPM2B_PUBLIC bytes. */
 export function nameOfPublic(tpm2bPublic: Buffer): Buffer {
   return objectName(decodePublic(tpm2bPublic).bytes);
+}
+
+/**
+ * Whether a context still works, after a failure that may have wedged it: one TPM2_GetRandom,
+ * which a wedged context refuses without sending it.
+ */
+async function probe(ctx: EsysContext): Promise<'ok' | 'wedged' | 'lost'> {
+  try {
+    await ctx.getRandom(1);
+    return 'ok';
+  } catch (e) {
+    if (isEsysWedged(e)) return 'wedged';
+    return isConnectionLost(e) ? 'lost' : 'ok';
+  }
+}
+
+/**
+ * Flushes what a wedged context left: our sessions by handle, our transient objects by Name.
+ * Best effort, never throws: what cannot be flushed now stays until the TPM restarts.
+ */
+async function flushLeftovers(ctx: EsysContext, left: Leftovers): Promise<void> {
+  for (const h of left.sessions) {
+    try {
+      await ctx.flushContext((await ctx.trFromTpmPublic(h)).handle);
+    } catch {
+      // gone with a TPM restart
+    }
+  }
+  if (left.names.length === 0) return;
+  let handles: number[];
+  try {
+    handles = decodeHandles((await ctx.getCapability(CAP_HANDLES, 0x80000000, 64)).data).filter((h) => h >>> 24 === 0x80);
+  } catch {
+    return;
+  }
+  for (const h of handles) {
+    let tr: number | undefined;
+    try {
+      tr = (await ctx.trFromTpmPublic(h)).handle;
+      const { name } = await ctx.trGetName(tr);
+      if (left.names.some((n) => n.equals(name))) await ctx.flushContext(tr);
+      else await ctx.trClose(tr);
+    } catch {
+      if (tr !== undefined) await ctx.trClose(tr).catch(() => undefined);
+    }
+  }
 }
 
 /** Flushes every transient object and session in the TPM (exclusive use only). */

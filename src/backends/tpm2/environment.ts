@@ -24,7 +24,7 @@ import type {
   SecureEnvironment,
 } from '../../core/types.js';
 import { TpmConnection, SRK_PERSISTENT_HANDLE, type Loadable } from './connection.js';
-import { KeyStore, type StoredObject } from './keystore.js';
+import { KeyStore, checkRecord, damageOf, damagedRecord, type StoredObject } from './keystore.js';
 import { Tpm2Key } from './key.js';
 import { TR } from './native.js';
 import { tpmError } from './errors.js';
@@ -129,9 +129,15 @@ export class Tpm2Environment implements SecureEnvironment {
     if (this.#closed) throw new SealError('CLOSED', 'the TPM environment is closed');
   }
 
-  #handle(meta: StoredObject, blobs = this.store.blobs(meta.id), persistent = true): Tpm2Key {
-    const pub = decodePublic(blobs.public).area;
-    const spki = meta.algorithm ? spkiOf(meta.algorithm, pub) : undefined;
+  /** A key of the store; a damaged record fails here (DEVICE_ERROR), before the TPM sees any of it. */
+  #handle(meta: StoredObject, blobs = this.store.blobs(meta.id, meta), persistent = true): Tpm2Key {
+    const pub = checkRecord(meta, blobs);
+    let spki: Buffer | undefined;
+    try {
+      spki = meta.algorithm ? spkiOf(meta.algorithm, pub) : undefined;
+    } catch {
+      throw damagedRecord(meta, 'its public key is not a valid key of its algorithm');
+    }
     const authSource = meta.authSource;
     let derivation: { parent: Loadable; template: Buffer } | undefined;
     if (meta.derivation) {
@@ -372,7 +378,15 @@ export class Tpm2Environment implements SecureEnvironment {
       .filter((o) => query.label === undefined || o.label === query.label)
       .filter((o) => query.kind === undefined || o.kind === query.kind || (query.kind === 'public' && o.kind === 'private'))
       .filter((o) => query.id === undefined || o.id === query.id.toString('hex'))
-      .map((o) => this.#handle(o));
+      .flatMap((o) => {
+        // a damaged record is not listed (as unreadable metadata is not): getKey and doctor name it
+        try {
+          return [this.#handle(o)];
+        } catch (e) {
+          if (damageOf(e) !== undefined) return [];
+          throw e;
+        }
+      });
   }
 
   async random(length: number): Promise<Buffer> {
@@ -434,7 +448,8 @@ export class Tpm2Environment implements SecureEnvironment {
     this.#check();
     const meta = this.store.list().find((o) => o.kind === 'data' && o.label === label);
     if (!meta) throw new SealError('OBJECT_NOT_FOUND', `no sealed data labelled '${label.slice(0, MAX_LABEL)}'`);
-    const blobs = this.store.blobs(meta.id);
+    const blobs = this.store.blobs(meta.id, meta);
+    checkRecord(meta, blobs);
     const obj: Loadable = { cacheKey: meta.id, ...blobs, auth: () => Buffer.alloc(0) };
     const dataKey = await this.conn.run('TPM2_Unseal', async (ctx) => {
       const h = await this.conn.loaded(ctx, obj);
@@ -552,12 +567,22 @@ export class Tpm2Environment implements SecureEnvironment {
     const problems = this.store.check();
     for (const meta of this.store.list()) {
       try {
-        const obj: Loadable = meta.kind === 'data' ? { cacheKey: meta.id, ...this.store.blobs(meta.id), auth: () => Buffer.alloc(0) } : this.#handle(meta);
+        let obj: Loadable;
+        if (meta.kind === 'data') {
+          const blobs = this.store.blobs(meta.id, meta);
+          checkRecord(meta, blobs);
+          obj = { cacheKey: meta.id, ...blobs, auth: () => Buffer.alloc(0) };
+        } else obj = this.#handle(meta);
         await this.conn.run('load check', async (ctx) => {
           await this.conn.loaded(ctx, obj);
           await this.conn.evict(ctx, meta.id);
         });
       } catch (e) {
+        const what = damageOf(e);
+        if (what !== undefined) {
+          problems.push(`${meta.id}.json ('${meta.label}'): damaged record (${what}) — never loaded; delete ${meta.id}.json and ${meta.id}.pem`);
+          continue;
+        }
         const code = e instanceof SealError ? (e.backendCode ?? e.code) : 'error';
         problems.push(`${meta.id}.json ('${meta.label}'): does not load in this TPM (${code}) — made under another TPM or storage key; delete ${meta.id}.json and ${meta.id}.pem`);
       }

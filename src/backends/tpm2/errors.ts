@@ -78,6 +78,30 @@ export function isConnectionLost(e: unknown): boolean {
   return rc !== undefined && layerOf(rc) === LAYER.TCTI;
 }
 
+/** TSS2_BASE_RC_BAD_SEQUENCE: the code ESYS answers every call with once its context is wedged. */
+const BASE_BAD_SEQUENCE = 0x07;
+
+/**
+ * True when ESYS refused the call because its context is in its internal-error state (after a
+ * failure below the TPM: a lost TCTI, a response or argument it could not (un)marshal). Nothing
+ * was sent; the context never recovers: it has to be finalized and created again.
+ */
+export function isEsysWedged(e: unknown): boolean {
+  const rc = rcOf(e);
+  return rc !== undefined && layerOf(rc) === LAYER.ESAPI && (rc & 0xffff) === BASE_BAD_SEQUENCE;
+}
+
+/**
+ * True for a failure in the software stack below seal-bridge and above the TPM (ESAPI, SAPI,
+ * marshalling): one that may have left the ESYS context wedged.
+ */
+export function isStackFailure(e: unknown): boolean {
+  const rc = rcOf(e);
+  if (rc === undefined) return false;
+  const layer = layerOf(rc);
+  return layer === LAYER.ESAPI || layer === LAYER.SYS || layer === LAYER.MU;
+}
+
 export function isTpmCode(e: unknown, code: number): boolean {
   const rc = rcOf(e);
   return rc !== undefined && (layerOf(rc) === LAYER.TPM || layerOf(rc) === LAYER.RM) && baseCode(rc) === code;
