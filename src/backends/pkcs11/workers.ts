@@ -54,7 +54,7 @@ export function defaultWorkerCount(): number {
  */
 const MAX_BATCH = 64;
 /** Nice value of the threads (Linux): the event loop is served first when both want the CPU. */
-const THREAD_NICE = 5;
+const THREAD_NICE = 10;
 
 interface Pending {
   req: WorkRequest;
