@@ -221,7 +221,7 @@ export async function pkcs11Cases(seconds: number, options: { memorySigns: numbe
       await k.destroy();
     };
     rows.push(row('PKCS#11 ECDH P-256 agree into an AES key (and destroy it), one at a time', await rounds(seconds, () => syncLoop(part, rawEcdh), () => sequential(part, sealEcdh)), 'raw pkcs11js C_DeriveKey + C_DestroyObject (sync)', undefined,
-      'derivation creates an object: it runs on a pooled session (Init-free, one libuv hop), not on the worker threads'));
+      'derivation creates a key object: it runs through pkcs11js C_DeriveKeyAsync (a libuv hop) on the anchor session, where a session key lives as long as the login, not on the worker threads; destroy is a second call'));
 
     // resident memory over many signatures
     for (let i = 0; i < 3; i++) await concurrent(1, IN_FLIGHT, sign);

@@ -59,11 +59,11 @@ export const DEFAULT_CALL_TIMEOUT_MS = 30_000;
 const SLOW_CALL_MIN_MS = 60_000;
 const SLOW_CALL_FACTOR = 10;
 
-/** Abandoned calls each hold a libuv worker thread: keep at least half of the pool for the rest. */
-function maxStuckCalls(): number {
-  const threads = Number(process.env.UV_THREADPOOL_SIZE) || 4;
-  return Math.max(1, Math.floor(threads / 2));
-}
+/**
+ * Abandoned calls each hold a libuv worker thread (or one of our own): keep at least half of
+ * libuv's pool for the rest. Its size is fixed when the pool first starts.
+ */
+const MAX_STUCK_CALLS = Math.max(1, Math.floor((Number(process.env.UV_THREADPOOL_SIZE) || 4) / 2));
 
 const EXPIRED = Symbol('expired');
 
@@ -357,7 +357,7 @@ export class SessionPool {
   /** Refuses new work while abandoned calls hold the worker threads it would need. */
   #checkStuck(what: string): void {
     const stuck = this.#o.module.stuckCalls;
-    if (stuck >= maxStuckCalls()) {
+    if (stuck >= MAX_STUCK_CALLS) {
       throw new SealError('DEVICE_UNAVAILABLE', `${what}: ${stuck} earlier calls to ${this.#o.what} have not returned; nothing more is sent until they do`);
     }
   }

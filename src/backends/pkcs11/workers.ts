@@ -275,7 +275,9 @@ export class WorkerPool {
     const out = Buffer.from(reply.output);
     batch.items.forEach((p, i) => settle(p, reply.results[i], out));
     // the answers' callers queue their next calls in the microtasks that follow: let them, so
-    // that the thread gets a full batch rather than the first of them alone
+    // that the thread gets a full batch rather than the first of them alone (a lone call's caller
+    // gets the thread at once)
+    if (batch.items.length === 1) return;
     t.draining = true;
     setImmediate(() => {
       t.draining = false;
