@@ -52,6 +52,14 @@ async function counted(seconds: number, raw: { failures: number }, op: () => Pro
   return { ...m, failures: raw.failures - before };
 }
 
+/** The two rows of a PC/SC case: against the raw loop (the target), and against the same loop with a transaction per signature. */
+function transactionRows(what: string, m: { seal: Measurement; anchorResult: Measurement; inTransaction: Measurement }, text: { anchor: string; inTransaction: string; note: string }): Row[] {
+  return [
+    { case: what, seal: m.seal, anchor: text.anchor, anchorResult: m.anchorResult, ratio: m.seal.opsPerSecond / m.anchorResult.opsPerSecond, target: 0.9, note: text.note },
+    { case: `${what} vs the raw loop with a transaction per signature`, seal: m.seal, anchor: text.inTransaction, anchorResult: m.inTransaction, ratio: m.seal.opsPerSecond / m.inTransaction.opsPerSecond },
+  ];
+}
+
 /** A software card or SIM only: generating a key replaces what the container held. */
 function requireSimulated(env: SecureEnvironment): void {
   if (env.info.protectionLevel > 1) throw new Error(`cards bench: '${env.info.label}' is not a simulator (protection level ${env.info.protectionLevel}); the benchmark replaces keys and runs on software cards only`);
@@ -101,25 +109,11 @@ async function pivCase(uri: string, seconds: number): Promise<Row[]> {
       inTransaction: (s) => counted(s, card, () => card.inTransaction(() => card.expect9000(sign))),
       seal: (s) => sequential(s, () => key.sign(message)),
     });
-    const what = 'PIV ECDSA P-256 sign (virtual card, PC/SC)';
-    return [
-      {
-        case: what,
-        seal,
-        anchor: 'raw PC/SC transmit loop (SELECT + VERIFY once, GENERAL AUTHENTICATE per signature)',
-        anchorResult,
-        ratio: seal.opsPerSecond / anchorResult.opsPerSecond,
-        target: 0.9,
-        note: 'per signature seal-bridge sends the same one APDU, inside a PC/SC transaction',
-      },
-      {
-        case: `${what} vs the raw loop with a transaction per signature`,
-        seal,
-        anchor: 'raw PC/SC loop, each GENERAL AUTHENTICATE inside SCardBeginTransaction / SCardEndTransaction',
-        anchorResult: inTransaction,
-        ratio: seal.opsPerSecond / inTransaction.opsPerSecond,
-      },
-    ];
+    return transactionRows('PIV ECDSA P-256 sign (virtual card, PC/SC)', { seal, anchorResult, inTransaction }, {
+      anchor: 'raw PC/SC transmit loop (SELECT + VERIFY once, GENERAL AUTHENTICATE per signature)',
+      inTransaction: 'raw PC/SC loop, each GENERAL AUTHENTICATE inside SCardBeginTransaction / SCardEndTransaction',
+      note: 'per signature seal-bridge sends the same one APDU, inside a PC/SC transaction',
+    });
   } finally {
     await raw?.close();
     await env.close();
@@ -171,25 +165,11 @@ async function iotSafeCase(uri: string, seconds: number): Promise<Row[]> {
       inTransaction: (s) => counted(s, card, () => card.inTransaction(signOnce)),
       seal: (s) => sequential(s, () => key.sign(message)),
     });
-    const what = 'IoT SAFE ECDSA P-256 sign (virtual applet, PC/SC)';
-    return [
-      {
-        case: what,
-        seal,
-        anchor: 'raw PC/SC transmit loop (MANAGE CHANNEL + SELECT once, COMPUTE SIGNATURE INIT + UPDATE per signature)',
-        anchorResult,
-        ratio: seal.opsPerSecond / anchorResult.opsPerSecond,
-        target: 0.9,
-        note: 'per signature seal-bridge sends the same two APDUs, inside a PC/SC transaction',
-      },
-      {
-        case: `${what} vs the raw loop with a transaction per signature`,
-        seal,
-        anchor: 'raw PC/SC loop, INIT + UPDATE inside SCardBeginTransaction / SCardEndTransaction',
-        anchorResult: inTransaction,
-        ratio: seal.opsPerSecond / inTransaction.opsPerSecond,
-      },
-    ];
+    return transactionRows('IoT SAFE ECDSA P-256 sign (virtual applet, PC/SC)', { seal, anchorResult, inTransaction }, {
+      anchor: 'raw PC/SC transmit loop (MANAGE CHANNEL + SELECT once, COMPUTE SIGNATURE INIT + UPDATE per signature)',
+      inTransaction: 'raw PC/SC loop, INIT + UPDATE inside SCardBeginTransaction / SCardEndTransaction',
+      note: 'per signature seal-bridge sends the same two APDUs, inside a PC/SC transaction',
+    });
   } finally {
     if (raw && channel !== 0) await raw.transmit(shortApdu(0x00, 0x70, 0x80, channel)).catch(() => undefined);
     await raw?.close();
