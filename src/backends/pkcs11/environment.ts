@@ -501,7 +501,8 @@ export class Pkcs11Environment implements SecureEnvironment {
 
   async random(length: number): Promise<Buffer> {
     if (!Number.isInteger(length) || length < 1 || length > MAX_RANDOM) throw new SealError('INVALID_ARGUMENT', `random length must be 1..${MAX_RANDOM} bytes`);
-    return this.pool.run('random', (s) => Buffer.from(this.pool.lib.C_GenerateRandom(s, Buffer.alloc(length))), { idempotent: true });
+    const request = { op: 'random' as const, mechanism: { mechanism: 0 }, key: Buffer.alloc(0), input: Buffer.alloc(0), outputLength: length };
+    return Buffer.from((await this.pool.work('random', () => request, { idempotent: true })) as Buffer);
   }
 
   async probeExtraction(key: KeyHandle): Promise<ExtractionAttempt[]> {

@@ -506,7 +506,7 @@ export class SessionPool {
 const EMPTY = Buffer.alloc(1).subarray(0, 0);
 const nonNull = (b: Buffer): Buffer => (b.length === 0 ? EMPTY : b);
 
-/** A request on a session of this thread: Init here, the operation on a libuv thread. */
+/** A request on a session of this thread: Init here, the operation on a libuv thread (random: here). */
 async function runHere(lib: pkcs11.PKCS11, s: Handle, r: WorkRequest): Promise<Buffer | boolean> {
   switch (r.op) {
     case 'sign':
@@ -521,5 +521,7 @@ async function runHere(lib: pkcs11.PKCS11, s: Handle, r: WorkRequest): Promise<B
     case 'decrypt':
       lib.C_DecryptInit(s, r.mechanism, r.key);
       return lib.C_DecryptAsync(s, r.input, Buffer.alloc(r.outputLength));
+    case 'random':
+      return lib.C_GenerateRandom(s, Buffer.alloc(r.outputLength));
   }
 }

@@ -18,13 +18,13 @@ export interface WorkerInit {
   nice: number;
 }
 
-export type WorkOp = 'sign' | 'verify' | 'encrypt' | 'decrypt';
+export type WorkOp = 'sign' | 'verify' | 'encrypt' | 'decrypt' | 'random';
 
 export interface WorkItem {
   op: WorkOp;
   /** pkcs11js mechanism; Buffers inside arrive as Uint8Arrays and are revived. */
   mechanism: unknown;
-  /** Object handle (8 bytes). */
+  /** Object handle (8 bytes; empty for random). */
   key: Uint8Array;
   inputOffset: number;
   inputLength: number;

@@ -125,6 +125,10 @@ function run(batch: WorkBatch): WorkReply {
           results.push({ offset: item.outputOffset, length: pt.length });
           break;
         }
+        case 'random':
+          lib.C_GenerateRandom(s, out);
+          results.push({ offset: item.outputOffset, length: out.length });
+          break;
       }
     } catch (e) {
       // like the pool's sessions: a session that saw an error is not used again (a module may

@@ -1,8 +1,9 @@
 /**
- * Worker threads for single-part operations (sign, verify, encrypt, decrypt). Each thread owns
- * one session of the environment's token and runs batches of requests with synchronous module
- * calls (worker.ts); the event loop only packs requests and unpacks answers. Under load the
- * threads run back to back on every core, a batch per message; a lone call goes out at once.
+ * Worker threads for single-part operations (sign, verify, encrypt, decrypt) and random. Each
+ * thread owns one session of the environment's token and runs batches of requests with
+ * synchronous module calls (worker.ts); the event loop only packs requests and unpacks answers.
+ * Under load the threads run back to back on every core, a batch per message; a lone call goes
+ * out at once.
  *
  * Why not pkcs11js' *Async calls: each of them is one libuv work item (a thread wake-up there and
  * one back), and its C_*Init still runs on the event loop. Here Init and operation run on the
