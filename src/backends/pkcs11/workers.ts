@@ -90,14 +90,14 @@ interface Thread {
 /** Batches a thread may hold: the next one waits in its queue while it works on one. */
 const PIPELINE = 2;
 
-let workerSource: { url: URL } | undefined;
+let workerSource: URL | undefined;
 
 /** The thread's script: the built file, or worker.ts transpiled when running from sources. */
 async function workerUrl(): Promise<URL> {
-  if (workerSource) return workerSource.url;
+  if (workerSource) return workerSource;
   const js = new URL('./worker.js', import.meta.url);
   if (import.meta.url.endsWith('.js') && existsSync(fileURLToPath(js))) {
-    workerSource = { url: js };
+    workerSource = js;
   } else {
     const ts = (await import('typescript')).default;
     const file = fileURLToPath(new URL('./worker.ts', import.meta.url));
@@ -105,9 +105,9 @@ async function workerUrl(): Promise<URL> {
       fileName: file,
       compilerOptions: { module: ts.ModuleKind.ESNext, target: ts.ScriptTarget.ES2022, sourceMap: false },
     });
-    workerSource = { url: new URL(`data:text/javascript,${encodeURIComponent(out.outputText)}`) };
+    workerSource = new URL(`data:text/javascript,${encodeURIComponent(out.outputText)}`);
   }
-  return workerSource.url;
+  return workerSource;
 }
 
 /** An error the session pool's status mapping reads like a pkcs11js error. */
@@ -122,20 +122,10 @@ export class WorkerPool {
   #starting: Promise<void> | undefined;
   #nextId = 1;
   #closed = false;
-  #abandoned = 0;
-  readonly stats = { threadsStarted: 0, threadsAbandoned: 0, batches: 0, items: 0, timeouts: 0 };
+  readonly stats = { threadsStarted: 0, threadsAbandoned: 0, batches: 0, items: 0 };
 
   constructor(options: WorkerPoolOptions) {
     this.#o = options;
-  }
-
-  get size(): number {
-    return this.#o.size;
-  }
-
-  /** Threads that were abandoned and have not ended yet. */
-  get stuck(): number {
-    return this.#abandoned;
   }
 
   submit(req: WorkRequest): Promise<Buffer | boolean> {
@@ -292,17 +282,12 @@ export class WorkerPool {
     t.inFlight = [];
     this.#threads = this.#threads.filter((x) => x !== t);
     this.stats.threadsAbandoned++;
-    this.stats.timeouts++;
-    this.#abandoned++;
     Atomics.store(t.progress, 1, 1); // the thread skips whatever it still holds
     const hung = items[index];
     hung?.reject(new SealError('TIMEOUT', `${hung.req.op}: ${this.#o.what} did not answer within ${this.#o.callTimeoutMs} ms`));
     // the thread ends once the module lets go of it (it closes its session first); until then
     // the module stays loaded
     const ended = new Promise<void>((resolve) => t.worker.once('exit', () => resolve()));
-    ended.then(() => {
-      this.#abandoned--;
-    });
     this.#o.module.track(ended);
     t.worker.postMessage('close');
     t.worker.unref();
