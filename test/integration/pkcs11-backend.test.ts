@@ -480,6 +480,27 @@ describe('single-part operations on worker threads, and on pooled sessions with 
     }
   });
 
+  it('concurrent decryptions answered in one batch: each plaintext comes back right, in a buffer of its own', async () => {
+    const env = await openEnvironment(`${softhsmUri()}&workers=1`);
+    try {
+      const aes = await env.generateKey({ label: label('batch-aes'), algorithm: { name: 'AES', length: 256 }, usages: ['encrypt', 'decrypt'] });
+      const plain = Array.from({ length: 50 }, (_, i) => randomBytes(16 + i));
+      const sealed = await Promise.all(plain.map((p) => aes.encrypt(p)));
+      const stats = threadsOf(env).workerStats!;
+      const batches = stats.batches;
+      const opened = await Promise.all(sealed.map((c) => aes.decrypt(c.ciphertext, { iv: c.iv! })));
+      expect(stats.batches - batches, 'the decryptions shared batches').toBeLessThan(50);
+      opened.forEach((o, i) => {
+        expect(o.equals(plain[i]!), `plaintext ${i}`).toBe(true);
+        // no view into a batch buffer that holds the other callers' plaintexts
+        expect(o.buffer.byteLength, `plaintext ${i} owns its memory`).toBe(o.length);
+      });
+      await aes.destroy();
+    } finally {
+      await env.close();
+    }
+  });
+
   it.each(['17', 'x', '-1', '1.5'])('workers=%s is refused with INVALID_URI', async (n) => {
     await expectSealError(openEnvironment(`${softhsmUri()}&workers=${n}`), 'INVALID_URI');
   });

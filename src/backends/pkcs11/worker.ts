@@ -138,6 +138,7 @@ function run(batch: WorkBatch): WorkReply {
     }
     Atomics.add(init.progress, 0, 1);
   }
+  input.fill(0); // plaintexts and messages do not linger in this thread's memory
   return { id: batch.id, session: session ? new Uint8Array(session) : undefined, results, output: output.buffer as ArrayBuffer };
 }
 

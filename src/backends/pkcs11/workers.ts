@@ -265,6 +265,7 @@ export class WorkerPool {
     t.session = reply.session ? Buffer.from(reply.session) : undefined;
     const out = Buffer.from(reply.output);
     batch.items.forEach((p, i) => settle(p, reply.results[i], out));
+    out.fill(0); // each caller got a copy of its own part (plaintexts among them)
     // the answers' callers queue their next calls in the microtasks that follow: let them, so
     // that the thread gets a full batch rather than the first of them alone (a lone call's caller
     // gets the thread at once)
@@ -363,5 +364,10 @@ function settle(p: Pending, r: ItemResult | undefined, out: Buffer): void {
   if (!r) p.reject(new SealError('INTERNAL', 'worker thread gave no answer for a request'));
   else if ('error' in r) p.reject(moduleError(r.error));
   else if ('verified' in r) p.resolve(r.verified);
-  else p.resolve(out.subarray(r.offset, r.offset + r.length));
+  else {
+    // a buffer of its own: a view would let one caller reach the others' results through .buffer
+    const mine = Buffer.allocUnsafeSlow(r.length);
+    out.copy(mine, 0, r.offset, r.offset + r.length);
+    p.resolve(mine);
+  }
 }
