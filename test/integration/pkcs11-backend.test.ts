@@ -8,7 +8,7 @@
  * before the module is first loaded in this process, so that changing its PIN or closing all of
  * its sessions never disturbs other test files that share the `seal-sim` token in parallel.
  */
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { spawnSync } from 'node:child_process';
 import { constants, createPublicKey, publicEncrypt, randomBytes, verify as nodeVerify } from 'node:crypto';
 import { chmodSync, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
@@ -475,6 +475,44 @@ describe('single-part operations on worker threads, and on pooled sessions with 
       expect(stats.batches - before.batches, 'fewer messages than calls').toBeLessThan(1000 / 4);
       expect(stats.threadsStarted).toBe(2);
       await key.destroy();
+    } finally {
+      await env.close();
+    }
+  });
+
+  it('one thread, three calls at once: each is answered (a lone answer does not leave the queue behind)', async () => {
+    const env = await openEnvironment(`${softhsmUri()}&workers=1`);
+    try {
+      const key = await env.generateKey({ label: label('one-thread'), algorithm: { name: 'HMAC', hash: 'SHA-256' }, usages: ['sign', 'verify'] });
+      for (let round = 0; round < 5; round++) {
+        const data = [0, 1, 2].map((i) => Buffer.from(`round ${round} call ${i}`));
+        let timer: NodeJS.Timeout | undefined;
+        const stalled = new Promise<'stalled'>((r) => {
+          timer = setTimeout(r, 10_000, 'stalled');
+        });
+        const macs = await Promise.race([Promise.all(data.map((d) => key.mac(d))), stalled]);
+        clearTimeout(timer);
+        expect(macs, `round ${round}`).not.toBe('stalled');
+        for (const [i, m] of (macs as Buffer[]).entries()) expect(await key.verify(data[i]!, m)).toBe(true);
+      }
+      await key.destroy();
+    } finally {
+      await env.close();
+    }
+  });
+
+  it('AES-GCM additional data that is not a Buffer is refused with INVALID_ARGUMENT before anything is sent', async () => {
+    const env = await openEnvironment(softhsmUri());
+    try {
+      const aes = await env.generateKey({ label: label('aad'), algorithm: { name: 'AES', length: 256 }, usages: ['encrypt', 'decrypt'] });
+      const work = vi.spyOn((env as unknown as { pool: { work: (...a: unknown[]) => unknown } }).pool, 'work');
+      await expectSealError(aes.encrypt(Buffer.from('x'), { additionalData: 'not bytes' as unknown as Buffer }), 'INVALID_ARGUMENT');
+      await expectSealError(aes.encrypt(Buffer.from('x'), { additionalData: { length: 3 } as unknown as Buffer }), 'INVALID_ARGUMENT');
+      expect(work).not.toHaveBeenCalled();
+      work.mockRestore();
+      const ok = await aes.encrypt(Buffer.from('x'), { additionalData: Buffer.from('aad') });
+      expect((await aes.decrypt(ok.ciphertext, { iv: ok.iv!, additionalData: Buffer.from('aad') })).toString()).toBe('x');
+      await aes.destroy();
     } finally {
       await env.close();
     }

@@ -88,7 +88,7 @@ afterAll(async () => {
   const threads = env ? poolOf(env).workerStats : undefined;
   await env?.close();
   console.log(`faults: ${figures.cases} cases, ${totals.failed + totals.hung} faults injected by the proxy (${totals.failed} CKR_* failures, ${totals.hung} held calls) and ${totals.delayed} delayed calls`);
-  console.log(`faults: ${figures.absorbed} absorbed without the caller noticing, ${figures.surfaced} surfaced as exactly one typed error, ${figures.timeouts} TIMEOUTs within 2×${TIMEOUT_MS}+${SLACK_MS} ms, ${figures.refusedFast} refused fast while calls were stuck`);
+  console.log(`faults: ${figures.absorbed} absorbed without the caller noticing, ${figures.surfaced} surfaced as exactly one typed error, ${figures.timeouts} TIMEOUTs (hung calls within 2×${TIMEOUT_MS}+${SLACK_MS} ms, calls queued behind them within 4×${TIMEOUT_MS}+${SLACK_MS} ms), ${figures.refusedFast} refused fast while calls were stuck`);
   if (stats) console.log(`faults: main pool: ${stats.retries} transparent retries, ${stats.logins} logins, ${stats.reinitializations} re-initializations, ${stats.timeouts} timeouts, ${stats.sessionsSetAside} sessions set aside${threads ? `; worker threads: ${threads.items} operations in ${threads.batches} batches, ${threads.threadsAbandoned} abandoned on a hung call` : ''}`);
   proxy.dispose();
 });
@@ -354,6 +354,28 @@ describe('hung and slow calls', () => {
     expect(calls(before, 'C_Sign')).toBe(limit + 1);
     figures.timeouts += limit;
     figures.refusedFast++;
+  });
+
+  it('every C_Sign hung with 20 calls in flight: every call settles with TIMEOUT or DEVICE_UNAVAILABLE, no more threads are fed than the stuck-call limit; works again once released', async () => {
+    figures.cases++;
+    const limit = Math.max(1, Math.floor((Number(process.env.UV_THREADPOOL_SIZE) || 4) / 2));
+    const pool = poolOf(env);
+    const abandoned = pool.workerStats!.threadsAbandoned;
+    proxy.rules('C_Sign hang');
+    const t0 = performance.now();
+    const results = await Promise.allSettled(Array.from({ length: 20 }, () => key.sign(randomBytes(16))));
+    const elapsed = performance.now() - t0;
+    const codes = results.map((r) => (r.status === 'rejected' && r.reason instanceof SealError ? r.reason.code : r.status));
+    expect(codes.every((c) => c === 'TIMEOUT' || c === 'DEVICE_UNAVAILABLE'), codes.join(',')).toBe(true);
+    expect(codes).toContain('TIMEOUT');
+    // queued calls do not wait out one bound per hung thread: a few bounds at most, not twenty
+    expect(elapsed).toBeLessThan(4 * TIMEOUT_MS + SLACK_MS);
+    expect(proxy.count('C_Sign').active).toBeLessThanOrEqual(limit);
+    expect(pool.workerStats!.threadsAbandoned - abandoned).toBeLessThanOrEqual(limit);
+    proxy.rules();
+    await proxy.settled();
+    await expect.poll(async () => (await Promise.allSettled([signVerified()]))[0]!.status, { timeout: 2000 }).toBe('fulfilled');
+    figures.timeouts += codes.filter((c) => c === 'TIMEOUT').length;
   });
 
   it('delays: 16 parallel signs with C_Sign 50 ms and C_SignInit 5 ms slower all verify; a call just inside the bound succeeds', async () => {

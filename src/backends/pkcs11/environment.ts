@@ -502,7 +502,7 @@ export class Pkcs11Environment implements SecureEnvironment {
   async random(length: number): Promise<Buffer> {
     if (!Number.isInteger(length) || length < 1 || length > MAX_RANDOM) throw new SealError('INVALID_ARGUMENT', `random length must be 1..${MAX_RANDOM} bytes`);
     const request = { op: 'random' as const, mechanism: { mechanism: 0 }, key: Buffer.alloc(0), input: Buffer.alloc(0), outputLength: length };
-    return Buffer.from((await this.pool.work('random', () => request, { idempotent: true })) as Buffer);
+    return (await this.pool.work('random', () => request, { idempotent: true })) as Buffer;
   }
 
   async probeExtraction(key: KeyHandle): Promise<ExtractionAttempt[]> {

@@ -272,6 +272,7 @@ export class Pkcs11Key implements KeyHandle {
     const tagBits = options.tagLength ?? 128;
     if (![96, 104, 112, 120, 128].includes(tagBits)) throw new SealError('INVALID_ARGUMENT', 'AES-GCM tag length must be 96..128 bits');
     const parameter: pkcs11.AesGCM = { type: pkcs11.CK_PARAMS_AES_GCM_v240, iv, ivBits: iv.length * 8, tagBits };
+    if (options.additionalData !== undefined) checkInput(options.additionalData, 'additionalData');
     // SoftHSM 2.6 crashes on an empty AAD buffer: leave it out instead
     if (options.additionalData && options.additionalData.length > 0) parameter.aad = options.additionalData;
     return { mechanism: pkcs11.CKM_AES_GCM, parameter };

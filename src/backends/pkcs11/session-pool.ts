@@ -113,6 +113,7 @@ export class SessionPool {
         size: options.workers,
         callTimeoutMs: options.callTimeoutMs,
         what: options.what,
+        maxStuck: MAX_STUCK_CALLS,
       });
     }
   }
@@ -334,6 +335,8 @@ export class SessionPool {
           } catch {
             // still not initializable: the next call finds the generation changed and tries again
           }
+          // the threads learn the new generation now: their session numbers are forgotten
+          this.#workers?.dropSessions();
         }
         break;
       case 'CKR_DEVICE_ERROR':
@@ -436,8 +439,10 @@ export class SessionPool {
     for (let attempt = 0; ; attempt++) {
       this.#checkStuck(what);
       await this.ready();
+      // building looks the key up on a pooled session: that recovers on its own, its errors are final
+      const request = await build();
       try {
-        return await workers.submit(await build());
+        return await workers.submit(request);
       } catch (e) {
         if (e instanceof SealError && (e.code === 'TIMEOUT' || e.code === 'CLOSED')) throw e;
         const fatal = this.#onFailure(e);

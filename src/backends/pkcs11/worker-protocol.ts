@@ -11,7 +11,9 @@ export interface WorkerInit {
   requireFrom: string;
   /**
    * Shared memory: [0] items finished (lets the pool tell a hung call from a long batch), [1] set
-   * by the pool when it abandoned the thread (the thread then skips what it still holds).
+   * by the pool when it abandoned or closed the thread (the thread then skips what it still
+   * holds), [2] the module's initialization generation (a change means every session number
+   * opened before is stale: forgotten, never closed).
    */
   progress: Int32Array;
   /** Nice value for the thread (Linux): above the event loop's, so the loop is served first. */
@@ -37,8 +39,6 @@ export interface WorkItem {
 
 export interface WorkBatch {
   id: number;
-  /** The module's initialization generation: a change means every old session number is stale. */
-  generation: number;
   slot: Uint8Array;
   input: Uint8Array;
   outputSize: number;
@@ -57,8 +57,9 @@ export type ItemResult =
 
 export interface WorkReply {
   id: number;
-  /** The thread's session after the batch (the pool may close it while the thread is idle). */
+  /** The thread's session after the batch and its generation (the pool may close it while the thread is idle). */
   session: Uint8Array | undefined;
+  sessionGeneration: number;
   results: ItemResult[];
   output: ArrayBuffer;
 }

@@ -48,11 +48,12 @@ function revive(v: unknown): unknown {
 
 function statusOf(e: unknown): { code: number; method: string; message: string } {
   const err = e as { code?: unknown; method?: unknown; message?: unknown };
-  return {
-    code: typeof err?.code === 'number' ? err.code : 0,
-    method: typeof err?.method === 'string' ? err.method : '',
-    message: typeof err?.message === 'string' ? err.message : String(e),
-  };
+  const message = typeof err?.message === 'string' ? err.message : String(e);
+  let code = typeof err?.code === 'number' ? err.code : 0;
+  // some pkcs11js paths throw a plain Error "CKR_<NAME>:<value>"
+  const m = code === 0 ? /^(CKR_[A-Z0-9_]+):(\d{1,10})$/.exec(message) : null;
+  if (m) code = Number(m[2]);
+  return { code, method: typeof err?.method === 'string' ? err.method : '', message: m ? m[1]! : message };
 }
 
 /**
@@ -64,9 +65,14 @@ function nonNull(data: Buffer): Buffer {
   return data.length === 0 ? EMPTY : data;
 }
 
-function dropSession(generation: number): void {
-  // after a re-initialization the old number may already name another thread's session
-  if (session && sessionGeneration === generation) {
+/** The module's current initialization generation, published by the pool in shared memory. */
+function liveGeneration(): number {
+  return Atomics.load(init.progress, 2);
+}
+
+function dropSession(): void {
+  // after a re-initialization the old number may already name someone else's session: forget it
+  if (session && sessionGeneration === liveGeneration()) {
     try {
       lib.C_CloseSession(session);
     } catch {
@@ -77,16 +83,17 @@ function dropSession(generation: number): void {
 }
 
 function sessionFor(batch: WorkBatch): Buffer {
-  if (session && sessionGeneration !== batch.generation) dropSession(batch.generation);
+  const generation = liveGeneration();
+  if (session && sessionGeneration !== generation) session = undefined;
   if (!session) {
     session = lib.C_OpenSession(buf(batch.slot), pkcs11.CKF_SERIAL_SESSION | pkcs11.CKF_RW_SESSION);
-    sessionGeneration = batch.generation;
+    sessionGeneration = generation;
   }
   return session;
 }
 
 function run(batch: WorkBatch): WorkReply {
-  if (batch.drop === 'close') dropSession(sessionGeneration);
+  if (batch.drop === 'close') dropSession();
   else if (batch.drop === 'forget') session = undefined;
   const input = buf(batch.input);
   const output = Buffer.alloc(batch.outputSize);
@@ -133,13 +140,13 @@ function run(batch: WorkBatch): WorkReply {
     } catch (e) {
       // like the pool's sessions: a session that saw an error is not used again (a module may
       // leave an operation active after a refusal)
-      dropSession(batch.generation);
+      dropSession();
       results.push({ error: statusOf(e) });
     }
     Atomics.add(init.progress, 0, 1);
   }
   input.fill(0); // plaintexts and messages do not linger in this thread's memory
-  return { id: batch.id, session: session ? new Uint8Array(session) : undefined, results, output: output.buffer as ArrayBuffer };
+  return { id: batch.id, session: session ? new Uint8Array(session) : undefined, sessionGeneration, results, output: output.buffer as ArrayBuffer };
 }
 
 function lowerPriority(nice: number): void {
@@ -164,7 +171,7 @@ function start(): void {
   const port = parentPort!;
   port.on('message', (msg: WorkBatch | 'close') => {
     if (msg === 'close') {
-      if (session) dropSession(sessionGeneration);
+      dropSession();
       port.close();
       return;
     }

@@ -42,6 +42,8 @@ export interface WorkerPoolOptions {
   size: number;
   callTimeoutMs: number;
   what: string;
+  /** Abandoned threads still inside the module beyond which nothing more is sent. */
+  maxStuck: number;
 }
 
 /** Threads by default: one per core, at most 4 (the event loop needs a share of the CPU too). */
@@ -54,11 +56,15 @@ export function defaultWorkerCount(): number {
  * a short queue still spreads; a long one goes out in messages of this size.
  */
 const MAX_BATCH = 64;
+/** …and at most this many bytes of input and output (at least one request). */
+const MAX_BATCH_BYTES = 4 * 1024 * 1024;
 /** Nice value of the threads (Linux): the event loop is served first when both want the CPU. */
 const THREAD_NICE = 10;
 
 interface Pending {
   req: WorkRequest;
+  /** When it was submitted: a request that waited a whole call-timeout behind a hung call times out too. */
+  since: number;
   resolve: (v: Buffer | boolean) => void;
   reject: (e: unknown) => void;
 }
@@ -84,6 +90,7 @@ interface Thread {
   draining: boolean;
   /** Its session as of its last answer, and what its next batch must do about it. */
   session: Buffer | undefined;
+  sessionGeneration: number;
   drop: 'close' | 'forget' | undefined;
 }
 
@@ -131,7 +138,7 @@ export class WorkerPool {
   submit(req: WorkRequest): Promise<Buffer | boolean> {
     if (this.#closed) return Promise.reject(new SealError('CLOSED', `environment ${this.#o.what} is closed`));
     return new Promise((resolve, reject) => {
-      this.#queue.push({ req, resolve, reject });
+      this.#queue.push({ req, since: performance.now(), resolve, reject });
       this.#dispatch();
     });
   }
@@ -143,11 +150,22 @@ export class WorkerPool {
       const open = this.#threads.filter((t) => t.ready && !t.draining && t.inFlight.length === depth);
       if (depth > 0 && this.#queue.length > 0) this.#grow(); // more work than idle threads
       for (let i = 0; i < open.length && this.#queue.length > 0; i++) {
-        const n = Math.min(MAX_BATCH, Math.ceil(this.#queue.length / (open.length - i)));
-        this.#send(open[i]!, this.#queue.splice(0, n));
+        this.#send(open[i]!, this.#queue.splice(0, this.#batchSize(Math.ceil(this.#queue.length / (open.length - i)))));
       }
     }
     if (this.#threads.length === 0) this.#grow();
+  }
+
+  /** How many requests from the head of the queue go in one batch: at most `want`, MAX_BATCH, MAX_BATCH_BYTES. */
+  #batchSize(want: number): number {
+    let n = 0;
+    let bytes = 0;
+    for (const p of this.#queue) {
+      bytes += p.req.input.length + (p.req.signature?.length ?? 0) + p.req.outputLength;
+      if (n >= Math.min(want, MAX_BATCH) || (n > 0 && bytes > MAX_BATCH_BYTES)) break;
+      n++;
+    }
+    return n;
   }
 
   /**
@@ -165,7 +183,9 @@ export class WorkerPool {
   }
 
   #spawn(url: URL): void {
-    const progress = new Int32Array(new SharedArrayBuffer(8));
+    if (this.#closed) return;
+    const progress = new Int32Array(new SharedArrayBuffer(12));
+    Atomics.store(progress, 2, this.#o.module.generation);
     const init: WorkerInit = {
       modulePath: this.#o.module.path,
       requireFrom: import.meta.url,
@@ -175,14 +195,15 @@ export class WorkerPool {
     };
     // referenced while it starts (a caller is waiting for it) and while it holds work
     const worker = new Worker(url, { workerData: init });
-    const t: Thread = { worker, ready: false, inFlight: [], progress, answered: 0, seen: 0, watchdog: undefined, draining: false, session: undefined, drop: undefined };
+    const t: Thread = { worker, ready: false, inFlight: [], progress, answered: 0, seen: 0, watchdog: undefined, draining: false, session: undefined, sessionGeneration: -1, drop: undefined };
     this.stats.threadsStarted++;
     this.#threads.push(t);
     worker.on('message', (m: WorkReply | 'ready') => {
       if (m === 'ready') {
         t.ready = true;
+        if (this.#closed) return; // close() sent it 'close' and waits for it to end
         this.#dispatch();
-        if (t.inFlight.length === 0 && !this.#closed) worker.unref();
+        if (t.inFlight.length === 0) worker.unref();
         return;
       }
       this.#answered(t, m);
@@ -192,6 +213,37 @@ export class WorkerPool {
   }
 
   #send(t: Thread, batch: Pending[]): void {
+    let msg: WorkBatch;
+    try {
+      msg = this.#pack(batch);
+    } catch (e) {
+      // nothing was sent (the token's slot is gone): these requests fail
+      for (const p of batch) p.reject(e);
+      return;
+    }
+    if (t.drop) msg.drop = t.drop;
+    Atomics.store(t.progress, 2, this.#o.module.generation);
+    try {
+      t.worker.postMessage(msg, [msg.input.buffer as ArrayBuffer]);
+    } catch (e) {
+      // a parameter structured clone cannot copy: nothing was sent, these requests fail
+      const err = new SealError('INVALID_ARGUMENT', `a request could not be passed to a worker thread: ${e instanceof Error ? e.message : String(e)}`, { cause: e });
+      for (const p of batch) p.reject(err);
+      return;
+    }
+    t.drop = undefined;
+    t.inFlight.push({ id: msg.id, items: batch });
+    t.worker.ref(); // a pending answer keeps the process alive
+    this.stats.batches++;
+    this.stats.items += batch.length;
+    if (!t.watchdog) {
+      t.seen = Atomics.load(t.progress, 0);
+      this.#arm(t);
+    }
+  }
+
+  /** One message for a batch: inputs in one buffer (transferred), descriptors, the token's slot. */
+  #pack(batch: Pending[]): WorkBatch {
     let inSize = 0;
     let outSize = 0;
     for (const p of batch) {
@@ -216,25 +268,7 @@ export class WorkerPool {
       outOff += r.outputLength;
       items.push(item);
     }
-    let slot: Handle;
-    try {
-      slot = this.#o.slot();
-    } catch (e) {
-      for (const p of batch) p.reject(e);
-      return;
-    }
-    const msg: WorkBatch = { id: this.#nextId++, generation: this.#o.module.generation, slot: new Uint8Array(slot), input, outputSize: outSize, items };
-    if (t.drop) msg.drop = t.drop;
-    t.drop = undefined;
-    t.inFlight.push({ id: msg.id, items: batch });
-    t.worker.ref(); // a pending answer keeps the process alive
-    this.stats.batches++;
-    this.stats.items += batch.length;
-    t.worker.postMessage(msg, [input.buffer]);
-    if (!t.watchdog) {
-      t.seen = Atomics.load(t.progress, 0);
-      this.#arm(t);
-    }
+    return { id: this.#nextId++, slot: new Uint8Array(this.#o.slot()), input, outputSize: outSize, items };
   }
 
   /** Looks every callTimeoutMs whether the thread finished anything since the last look. */
@@ -254,7 +288,10 @@ export class WorkerPool {
 
   #answered(t: Thread, reply: WorkReply): void {
     const batch = t.inFlight[0];
-    if (!batch || reply.id !== batch.id) return;
+    if (!batch || reply.id !== batch.id) {
+      new Uint8Array(reply.output).fill(0); // a late answer nobody waits for any more
+      return;
+    }
     t.inFlight.shift();
     t.answered += batch.items.length;
     if (t.inFlight.length === 0) {
@@ -263,13 +300,17 @@ export class WorkerPool {
       t.worker.unref();
     }
     t.session = reply.session ? Buffer.from(reply.session) : undefined;
+    t.sessionGeneration = reply.sessionGeneration;
     const out = Buffer.from(reply.output);
     batch.items.forEach((p, i) => settle(p, reply.results[i], out));
     out.fill(0); // each caller got a copy of its own part (plaintexts among them)
+    if (batch.items.length === 1) {
+      // a lone call: its caller's next call may go out at once
+      this.#dispatch();
+      return;
+    }
     // the answers' callers queue their next calls in the microtasks that follow: let them, so
-    // that the thread gets a full batch rather than the first of them alone (a lone call's caller
-    // gets the thread at once)
-    if (batch.items.length === 1) return;
+    // that the thread gets a full batch rather than the first of them alone
     t.draining = true;
     setImmediate(() => {
       t.draining = false;
@@ -284,15 +325,25 @@ export class WorkerPool {
     this.#threads = this.#threads.filter((x) => x !== t);
     this.stats.threadsAbandoned++;
     Atomics.store(t.progress, 1, 1); // the thread skips whatever it still holds
-    const hung = items[index];
-    hung?.reject(new SealError('TIMEOUT', `${hung.req.op}: ${this.#o.what} did not answer within ${this.#o.callTimeoutMs} ms`));
+    const timeout = (p: Pending): void => p.reject(new SealError('TIMEOUT', `${p.req.op}: ${this.#o.what} did not answer within ${this.#o.callTimeoutMs} ms`));
     // the thread ends once the module lets go of it (it closes its session first); until then
     // the module stays loaded
     const ended = new Promise<void>((resolve) => t.worker.once('exit', () => resolve()));
     this.#o.module.track(ended);
     t.worker.postMessage('close');
     t.worker.unref();
-    this.#queue.unshift(...items.filter((_, i) => i !== index));
+    // the call in progress times out, and so does whatever already waited a whole call-timeout;
+    // the rest goes back to the head of the queue
+    const now = performance.now();
+    const again: Pending[] = [];
+    items.forEach((p, i) => (i === index || now - p.since >= this.#o.callTimeoutMs ? timeout(p) : again.push(p)));
+    this.#queue.unshift(...again);
+    if (this.#o.module.stuckCalls >= this.#o.maxStuck) {
+      // a module that hangs thread after thread: stop feeding it (the session pool refuses new
+      // calls the same way until the stuck ones return)
+      this.#failQueue(new SealError('DEVICE_UNAVAILABLE', `${this.#o.module.stuckCalls} earlier calls to ${this.#o.what} have not returned; nothing more is sent until they do`));
+      return;
+    }
     this.#dispatch();
   }
 
@@ -304,8 +355,8 @@ export class WorkerPool {
     const err = new SealError('INTERNAL', `${this.#o.what}: a worker thread failed: ${e instanceof Error ? e.message : String(e)}`, { cause: e });
     for (const b of t.inFlight) for (const p of b.items) p.reject(err);
     t.inFlight = [];
-    if (!t.ready) {
-      // it never started: do not start another for the same reason over and over
+    if (!t.ready && !this.#threads.some((x) => x.ready)) {
+      // it never started and no other thread runs: do not start another for the same reason over and over
       this.#failQueue(err);
       return;
     }
@@ -318,16 +369,20 @@ export class WorkerPool {
    * session of the application is open); a busy thread closes its own before its next batch.
    */
   dropSessions(): void {
+    const generation = this.#o.module.generation;
     for (const t of this.#threads) {
+      Atomics.store(t.progress, 2, generation); // after a re-initialization: old numbers are forgotten
       if (t.inFlight.length > 0) {
         t.drop = 'close';
-      } else if (t.session) {
+      } else if (t.session && t.sessionGeneration === generation) {
         try {
           this.#o.module.lib.C_CloseSession(t.session);
         } catch {
           // already gone with the device
         }
         t.drop = 'forget';
+      } else {
+        t.drop = 'forget'; // from before a re-initialization: the number may name another session now
       }
       t.session = undefined;
     }
@@ -347,6 +402,7 @@ export class WorkerPool {
       const exited = new Promise((resolve) => t.worker.once('exit', resolve));
       if (t.watchdog) clearTimeout(t.watchdog);
       for (const b of t.inFlight) for (const p of b.items) p.reject(new SealError('CLOSED', `environment ${this.#o.what} is closed`));
+      Atomics.store(t.progress, 1, 1); // a busy thread skips the rest of what it holds
       t.worker.postMessage('close');
       if (t.inFlight.length > 0) {
         this.#o.module.track(exited);
