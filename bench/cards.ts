@@ -19,31 +19,15 @@ import type { KeyHandle, SecureEnvironment } from '../src/index.js';
 import type { IotSafeKey, PivKey } from '../src/backends/pcsc/index.js';
 import { resolvePin } from '../src/core/secrets.js';
 import { findTag, parseBerTlv } from '../src/backends/pcsc/tlv.js';
-import { merge, sequential, type Measurement, type Row } from './lib.js';
+import { sequential, takeTurns, type Measurement, type Row } from './lib.js';
 import { RawModem, RawPcsc, claOnChannel, shortApdu } from './cards/raw.js';
 
-const ROUNDS = 3;
 const P256 = { name: 'ECDSA', namedCurve: 'P-256' } as const;
 const message = Buffer.from('benchmark message');
 const digest = createHash('sha256').update(message).digest();
 
 const PIV_AID = Buffer.from('A000000308', 'hex');
 const IOTSAFE_AID = Buffer.from('A0000005590010', 'hex');
-
-/**
- * Each side runs `seconds / ROUNDS` per round, the sides taking turns in every round, so a load
- * change on the machine touches all alike. Returns each side's rounds merged.
- */
-async function takeTurns<K extends string>(seconds: number, sides: Record<K, (s: number) => Promise<Measurement>>): Promise<Record<K, Measurement>> {
-  const parts = new Map<K, Measurement[]>();
-  for (let r = 0; r < ROUNDS; r++) {
-    for (const [name, run] of Object.entries(sides) as [K, (s: number) => Promise<Measurement>][]) {
-      const m = await run(seconds / ROUNDS);
-      parts.set(name, [...(parts.get(name) ?? []), m]);
-    }
-  }
-  return Object.fromEntries([...parts].map(([k, v]) => [k, merge(v)])) as Record<K, Measurement>;
-}
 
 /** `sequential` of an anchor whose failures are counted by the anchor itself. */
 async function counted(seconds: number, raw: { failures: number }, op: () => Promise<unknown>): Promise<Measurement> {

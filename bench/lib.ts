@@ -98,6 +98,23 @@ export function merge(parts: readonly Measurement[]): Measurement {
   return out;
 }
 
+/** Rounds in which anchor and library take turns. */
+export const ROUNDS = 3;
+
+/**
+ * Each side runs `seconds / ROUNDS` per round, the sides taking turns in every round (in the
+ * order given), so a load change on the machine touches all alike. Returns each side's rounds merged.
+ */
+export async function takeTurns<K extends string>(seconds: number, sides: Record<K, (s: number) => Measurement | Promise<Measurement>>): Promise<Record<K, Measurement>> {
+  const parts = new Map<K, Measurement[]>();
+  for (let r = 0; r < ROUNDS; r++) {
+    for (const [name, run] of Object.entries(sides) as [K, (s: number) => Measurement | Promise<Measurement>][]) {
+      parts.set(name, [...(parts.get(name) ?? []), await run(seconds / ROUNDS)]);
+    }
+  }
+  return Object.fromEntries([...parts].map(([k, v]) => [k, merge(v)])) as Record<K, Measurement>;
+}
+
 export function fromCount(ops: number, seconds: number): Measurement {
   return { ops, seconds, opsPerSecond: ops / seconds };
 }

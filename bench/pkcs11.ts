@@ -15,7 +15,7 @@ import pkcs11 from 'pkcs11js';
 import type { Handle, Mechanism } from 'pkcs11js';
 import { openEnvironment } from '../src/index.js';
 import type { KeyHandle, SecureEnvironment } from '../src/index.js';
-import { concurrent, fromCount, merge, runSync, sequential, type Measurement, type Row } from './lib.js';
+import { concurrent, fromCount, runSync, sequential, takeTurns, type Measurement, type Row } from './lib.js';
 
 const IN_FLIGHT = 1000;
 
@@ -61,17 +61,6 @@ function syncLoop(seconds: number, op: () => void): Measurement {
     now = performance.now();
   }
   return fromCount(n, (now - start) / 1000);
-}
-
-/** Alternating rounds of anchor and seal-bridge, so that a change of load on the machine touches both. */
-async function rounds(seconds: number, anchor: () => Promise<Measurement> | Measurement, seal: () => Promise<Measurement>): Promise<{ anchor: Measurement; seal: Measurement }> {
-  const a: Measurement[] = [];
-  const s: Measurement[] = [];
-  for (let r = 0; r < 3; r++) {
-    a.push(await anchor());
-    s.push(await seal());
-  }
-  return { anchor: merge(a), seal: merge(s) };
 }
 
 function row(name: string, m: { anchor: Measurement; seal: Measurement }, anchor: string, target?: number, note?: string): Row {
@@ -148,14 +137,13 @@ export async function pkcs11Cases(seconds: number, options: { memorySigns: numbe
     };
     const sign = (): Promise<Buffer> => ec.sign(MESSAGE);
     await concurrent(0.5, IN_FLIGHT, sign); // threads started, sessions open
-    const part = seconds / 3;
-    const seq = await rounds(seconds, () => syncLoop(part, rawEcdsa), () => sequential(part, sign));
+    const seq = await takeTurns(seconds, { anchor: (t) => syncLoop(t, rawEcdsa), seal: (t) => sequential(t, sign) });
     rows.push(row('PKCS#11 ECDSA P-256 sign, one call at a time', seq, 'raw pkcs11js C_SignInit+C_Sign, one session (sync)', 0.95,
       'each call crosses to a worker thread and back; a synchronous call on the event loop has no such hop'));
-    const flight = await rounds(seconds, () => syncLoop(part, rawEcdsa), () => concurrent(part, IN_FLIGHT, sign));
+    const flight = await takeTurns(seconds, { anchor: (t) => syncLoop(t, rawEcdsa), seal: (t) => concurrent(t, IN_FLIGHT, sign) });
     rows.push(row(`PKCS#11 ECDSA P-256 sign, ${IN_FLIGHT} in flight`, flight, 'raw pkcs11js C_SignInit+C_Sign, one session (sync)', 1.5));
     const signAsync = asyncSigner(raw, ecHandle, 4);
-    const flightAsync = await rounds(seconds, () => concurrent(part, IN_FLIGHT, signAsync), () => concurrent(part, IN_FLIGHT, sign));
+    const flightAsync = await takeTurns(seconds, { anchor: (t) => concurrent(t, IN_FLIGHT, signAsync), seal: (t) => concurrent(t, IN_FLIGHT, sign) });
     rows.push(row(`PKCS#11 ECDSA P-256 sign, ${IN_FLIGHT} in flight`, flightAsync, `raw pkcs11js *Async, 4 sessions, ${IN_FLIGHT} in flight`));
     if (pin) {
       try {
@@ -197,8 +185,8 @@ export async function pkcs11Cases(seconds: number, options: { memorySigns: numbe
     ];
     for (const [name, rawOp, sealOp] of cases) {
       await concurrent(0.2, 64, sealOp);
-      rows.push(row(`PKCS#11 ${name}, one call at a time`, await rounds(seconds, () => syncLoop(part, rawOp), () => sequential(part, sealOp)), 'raw pkcs11js, one session (sync)'));
-      rows.push(row(`PKCS#11 ${name}, 64 in flight`, await rounds(seconds, () => syncLoop(part, rawOp), () => concurrent(part, 64, sealOp)), 'raw pkcs11js, one session (sync)'));
+      rows.push(row(`PKCS#11 ${name}, one call at a time`, await takeTurns(seconds, { anchor: (t) => syncLoop(t, rawOp), seal: (t) => sequential(t, sealOp) }), 'raw pkcs11js, one session (sync)'));
+      rows.push(row(`PKCS#11 ${name}, 64 in flight`, await takeTurns(seconds, { anchor: (t) => syncLoop(t, rawOp), seal: (t) => concurrent(t, 64, sealOp) }), 'raw pkcs11js, one session (sync)'));
     }
 
     // ECDH: derive an AES key inside from a peer's point, then destroy it
@@ -220,7 +208,7 @@ export async function pkcs11Cases(seconds: number, options: { memorySigns: numbe
       const k = await ecdh.agree(peer, { algorithm: { name: 'AES', length: 256 }, usages: ['encrypt', 'decrypt'] });
       await k.destroy();
     };
-    rows.push(row('PKCS#11 ECDH P-256 agree into an AES key (and destroy it), one at a time', await rounds(seconds, () => syncLoop(part, rawEcdh), () => sequential(part, sealEcdh)), 'raw pkcs11js C_DeriveKey + C_DestroyObject (sync)', undefined,
+    rows.push(row('PKCS#11 ECDH P-256 agree into an AES key (and destroy it), one at a time', await takeTurns(seconds, { anchor: (t) => syncLoop(t, rawEcdh), seal: (t) => sequential(t, sealEcdh) }), 'raw pkcs11js C_DeriveKey + C_DestroyObject (sync)', undefined,
       'derivation creates a key object: it runs through pkcs11js C_DeriveKeyAsync (a libuv hop) on the anchor session, where a session key lives as long as the login, not on the worker threads; destroy is a second call'));
 
     // resident memory over many signatures

@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { openEnvironment } from '../src/index.js';
 import type { Tpm2Environment } from '../src/index.js';
-import { concurrent, freePortPair, fromCount, merge, runSync, sequential, startProcess, type Measurement, type Row } from './lib.js';
+import { concurrent, freePortPair, fromCount, runSync, sequential, startProcess, takeTurns, type Measurement, type Row } from './lib.js';
 
 const root = new URL('..', import.meta.url).pathname;
 
@@ -46,15 +46,7 @@ export async function tpm2Cases(seconds: number): Promise<Row[]> {
         const key = await env.generateKey({ label: 'bench', algorithm: { name: 'ECDSA', namedCurve: 'P-256' }, usages: ['sign'] });
         await key.sign(data); // loaded
         // anchor and library take turns, so a load change on the machine touches both alike
-        const rounds = 3;
-        const anchorParts: Measurement[] = [];
-        const sealParts: Measurement[] = [];
-        for (let r = 0; r < rounds; r++) {
-          anchorParts.push(raw(mode, seconds / rounds));
-          sealParts.push(await sequential(seconds / rounds, () => key.sign(data)));
-        }
-        const anchorResult = merge(anchorParts);
-        const seal = merge(sealParts);
+        const { anchor: anchorResult, seal } = await takeTurns(seconds, { anchor: (s) => raw(mode, s), seal: (s) => sequential(s, () => key.sign(data)) });
         rows.push({
           case: `TPM ECDSA P-256 sign, ${mode === 'password' ? 'password session' : 'salted HMAC session + param encryption'}`,
           seal,
@@ -65,14 +57,7 @@ export async function tpm2Cases(seconds: number): Promise<Row[]> {
           ...(mode === 'encrypted' ? { note: 'seal-bridge encrypts only parameters that carry secrets; a sign carries none' } : {}),
         });
         if (mode === 'password') {
-          const flightParts: Measurement[] = [];
-          const flightAnchor: Measurement[] = [];
-          for (let r = 0; r < rounds; r++) {
-            flightAnchor.push(raw(mode, seconds / rounds));
-            flightParts.push(await concurrent(seconds / rounds, 64, () => key.sign(data)));
-          }
-          const inFlight = merge(flightParts);
-          const flightAnchorResult = merge(flightAnchor);
+          const { anchor: flightAnchorResult, seal: inFlight } = await takeTurns(seconds, { anchor: (s) => raw(mode, s), seal: (s) => concurrent(s, 64, () => key.sign(data)) });
           rows.push({ case: 'TPM ECDSA P-256 sign, 64 callers in flight (calls queue back to back)', seal: inFlight, anchor: 'raw ESAPI loop in C (password)', anchorResult: flightAnchorResult, ratio: inFlight.opsPerSecond / flightAnchorResult.opsPerSecond, target: 0.9 });
         }
       } finally {
