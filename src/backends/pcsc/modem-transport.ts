@@ -12,7 +12,7 @@
  * CHANNEL through AT+CSIM.
  */
 import { SealError, isSealError } from '../../core/errors.js';
-import type { CardChannel, ResponseApdu, TransportInfo, ApduTransport } from './transport.js';
+import { openedOrClosed, type CardChannel, type ResponseApdu, type TransportInfo, type ApduTransport } from './transport.js';
 import { ExclusiveLock, SerialQueue, onChannel, withIsoResponseHandling } from './apdu.js';
 import { AtLineReader, AtResponseCollector, type AtOutcome, ccho, cchc, cgla, csim, identityText, parseCchoResponse, parseSimResponse } from './at.js';
 import { GenerationChannel, closeChannel, selectApplet, staleChannel, type ChannelHost } from './pcsc-transport.js';
@@ -93,14 +93,7 @@ export async function openModemTransport(options: ModemTransportOptions): Promis
 
 /** The same over an already open line (tests, or a line other than a local serial port). */
 export async function openModemTransportOn(line: SerialLine, options: ModemTransportOptions): Promise<ModemTransport> {
-  const t = new AtModemTransport(line, options);
-  try {
-    await t.probe();
-  } catch (e) {
-    await t.close().catch(() => undefined);
-    throw e;
-  }
-  return t;
+  return openedOrClosed(new AtModemTransport(line, options), (t) => t.probe());
 }
 
 interface Pending {

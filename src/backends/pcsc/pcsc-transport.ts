@@ -24,7 +24,7 @@
  *   `contextRestarts` counts the new contexts.
  */
 import { SealError, isSealError } from '../../core/errors.js';
-import type { ApduTransport, CardChannel, ResponseApdu, TransportInfo } from './transport.js';
+import { openedOrClosed, type ApduTransport, type CardChannel, type ResponseApdu, type TransportInfo } from './transport.js';
 import {
   ExclusiveLock,
   SerialQueue,
@@ -126,14 +126,7 @@ function cardPresent(state: number | undefined): boolean {
  */
 export async function openPcscTransport(options: PcscTransportOptions = {}): Promise<PcscTransport> {
   const pcsc = loadBinding();
-  const t = new PcscCardTransport(pcsc, options);
-  try {
-    await t.open();
-  } catch (e) {
-    await t.close().catch(() => undefined);
-    throw e;
-  }
-  return t;
+  return openedOrClosed(new PcscCardTransport(pcsc, options), (t) => t.open());
 }
 
 /** Our connection to the card: the shim's handle id and the protocol in use. */

@@ -53,3 +53,17 @@ export interface ApduTransport {
   exclusive<T>(fn: () => Promise<T>): Promise<T>;
   close(): Promise<void>;
 }
+
+/**
+ * Runs a new transport's first step (connect, probe) and hands the transport out only when it
+ * succeeded; otherwise closes it again, so nothing half open is left holding a reader or port.
+ */
+export async function openedOrClosed<T extends { close(): Promise<void> }>(t: T, start: (t: T) => Promise<unknown>): Promise<T> {
+  try {
+    await start(t);
+  } catch (e) {
+    await t.close().catch(() => undefined);
+    throw e;
+  }
+  return t;
+}
