@@ -16,8 +16,9 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { requireEnv } from '../helpers/env.js';
+import { expectSealError as sealError } from '../helpers/errors.js';
 import { insertCard, removeCard, resetCardSimulators, setIotSafeQuirks, setModemMode, setModemQuirks } from '../helpers/cards.js';
-import { openEnvironment, SealError, SealUri, type ErrorCode, type KeyHandle, type SecureEnvironment } from '../../src/index.js';
+import { openEnvironment, SealError, SealUri, type KeyHandle, type SecureEnvironment } from '../../src/index.js';
 import { IotSafeApplet, parseObjectList, signatureFrom } from '../../src/backends/pcsc/iotsafe.js';
 import { openPcscTransport } from '../../src/backends/pcsc/pcsc-transport.js';
 import type { ApduTransport, CardChannel } from '../../src/backends/pcsc/transport.js';
@@ -27,17 +28,6 @@ const port = (): string => requireEnv('SEAL_MODEM_PORT');
 const pcscUri = (query = ''): string => `pcsc:reader=${encodeURIComponent(reader())};applet=iotsafe${query ? `?${query}` : ''}`;
 const atUri = (query = 'timeout-ms=2000'): string => `at:port=${port()};applet=iotsafe${query ? `?${query}` : ''}`;
 
-async function sealError(p: Promise<unknown>, code: ErrorCode): Promise<SealError> {
-  let caught: unknown;
-  try {
-    await p;
-  } catch (e) {
-    caught = e;
-  }
-  expect(caught, `expected SealError ${code}`).toBeInstanceOf(SealError);
-  expect((caught as SealError).code, (caught as Error).message).toBe(code);
-  return caught as SealError;
-}
 
 const spki = (k: KeyHandle) => createPublicKey({ key: k.publicKey!, format: 'der', type: 'spki' });
 const data = Buffer.from('seal-bridge IoT SAFE backend test');

@@ -27,8 +27,9 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { requireEnv } from '../helpers/env.js';
+import { expectSealError as sealError } from '../helpers/errors.js';
 import { insertCard, removeCard } from '../helpers/cards.js';
-import { openEnvironment, SealError, SealUri, type ErrorCode, type KeyHandle } from '../../src/index.js';
+import { openEnvironment, SealUri, type KeyHandle } from '../../src/index.js';
 import type { PivEnvironment, PivGenerateKeySpec } from '../../src/backends/pcsc/index.js';
 import { commandApdu, expectOk } from '../../src/backends/pcsc/apdu.js';
 import { findTag, parseBerTlv, requireTag } from '../../src/backends/pcsc/tlv.js';
@@ -79,17 +80,6 @@ function wrongPin(): string {
   }
 }
 
-async function sealError(p: Promise<unknown>, code: ErrorCode): Promise<SealError> {
-  let caught: unknown;
-  try {
-    await p;
-  } catch (e) {
-    caught = e;
-  }
-  expect(caught, `expected SealError ${code}`).toBeInstanceOf(SealError);
-  expect((caught as SealError).code, (caught as Error).message).toBe(code);
-  return caught as SealError;
-}
 
 const spki = (k: KeyHandle) => createPublicKey({ key: k.publicKey!, format: 'der', type: 'spki' });
 const data = Buffer.from('seal-bridge PIV backend test');

@@ -17,9 +17,10 @@ import { join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import pkcs11 from 'pkcs11js';
 import type { Handle, PKCS11 } from 'pkcs11js';
-import { openEnvironment, SealError, SealUri, type ErrorCode } from '../../src/index.js';
+import { openEnvironment, SealError, SealUri } from '../../src/index.js';
 import type { KeyAlgorithmInput, KeyHandle, KeyUsage, SecureEnvironment } from '../../src/index.js';
 import { requireEnv, softhsmUri } from '../helpers/env.js';
+import { expectSealError } from '../helpers/errors.js';
 
 const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 const run = `p11t-${randomBytes(4).toString('hex')}`;
@@ -33,17 +34,6 @@ interface Pool {
 }
 const poolOf = (env: SecureEnvironment): Pool => (env as unknown as { pool: Pool }).pool;
 
-async function expectSealError(p: Promise<unknown>, code: ErrorCode): Promise<SealError> {
-  let caught: unknown;
-  try {
-    await p;
-  } catch (e) {
-    caught = e;
-  }
-  expect(caught, `expected SealError ${code}, but the call succeeded`).toBeInstanceOf(SealError);
-  expect((caught as SealError).code).toBe(code);
-  return caught as SealError;
-}
 
 /** No trace of a secret in anything an error shows: message, string form, JSON form. */
 function expectNoSecret(e: SealError, ...secrets: string[]): void {

@@ -12,9 +12,10 @@ import { createPublicKey, randomBytes, verify as nodeVerify, type KeyObject } fr
 import { readFileSync } from 'node:fs';
 import pkcs11 from 'pkcs11js';
 import type { Handle, PKCS11 } from 'pkcs11js';
-import { openEnvironment, SealError, SealUri, type ErrorCode } from '../../src/index.js';
+import { openEnvironment, SealError, SealUri } from '../../src/index.js';
 import type { KeyHandle, SecureEnvironment } from '../../src/index.js';
 import { requireEnv, softhsmUri } from '../helpers/env.js';
+import { expectSealError } from '../helpers/errors.js';
 import { FaultProxy, type CountTable } from '../helpers/fault-proxy.js';
 
 /** The call bound used here (URI call-timeout-ms) and what a timer may overshoot on a busy host. */
@@ -38,23 +39,7 @@ let key: KeyHandle;
 let publicKey: KeyObject;
 const figures = { cases: 0, absorbed: 0, surfaced: 0, timeouts: 0, refusedFast: 0 };
 
-async function caught(p: Promise<unknown>): Promise<SealError> {
-  let err: unknown;
-  try {
-    await p;
-  } catch (e) {
-    err = e;
-  }
-  expect(err, 'expected a SealError, but the call succeeded').toBeInstanceOf(SealError);
-  return err as SealError;
-}
 
-async function expectSealError(p: Promise<unknown>, code: ErrorCode, backendCode?: string): Promise<SealError> {
-  const e = await caught(p);
-  expect(e.code).toBe(code);
-  if (backendCode !== undefined) expect(e.backendCode).toBe(backendCode);
-  return e;
-}
 
 /** Signs fresh data with `k` and checks the signature with node:crypto. */
 async function signVerified(k: KeyHandle = key, pub: KeyObject = publicKey): Promise<void> {
